@@ -1,0 +1,43 @@
+# visionslice: `make run` and `make test` are the contract; both install what is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+export VISIONSLICE_CACHE ?= $(HOME)/.cache/visionslice
+export VISIONSLICE_ORT_LIB ?= $(VISIONSLICE_CACHE)/onnxruntime-1.30.0/libonnxruntime.so.1
+export VISIONSLICE_PPOCR_MODEL ?= $(VISIONSLICE_CACHE)/models/ch_PP-OCRv4_det_infer.onnx
+
+BIN := bin
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/visionslice/visionslice/nodeagent.Version=$(VERSION)
+GOTESTFLAGS ?=
+
+.PHONY: all deps build run test unit bench lint clean
+
+all: build
+
+deps:
+	@bash .ci/deps.sh
+
+build: deps
+	@mkdir -p $(BIN)
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+
+run: build
+	./$(BIN)/visionslice-agent --config=nodeagent/testdata/run.yaml
+
+# Every tier: unit, integration (real ORT, OpenCV, cgroup v2, gRPC over unix
+# sockets) and the binary-level tests.
+test: deps
+	$(GO) vet ./...
+	$(GO) test $(GOTESTFLAGS) -count=1 ./...
+
+bench: deps
+	$(GO) test -run='^$$' -bench=. -benchmem -count=1 ./...
+
+lint:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed: $$out"; exit 1; fi
+
+clean:
+	rm -rf $(BIN)
