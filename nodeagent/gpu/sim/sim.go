@@ -25,13 +25,13 @@ import (
 
 // Models are the GPU kinds a spec may name.
 var models = map[string]gpus.Config{
-	"a100":     gpus.A100_SXM4_40GB,
-	"a100-40":  gpus.A100_SXM4_40GB,
-	"a100-80":  gpus.A100_SXM4_80GB,
-	"a30":      gpus.A30_PCIE_24GB,
-	"h100":     gpus.H100_SXM5_80GB,
-	"h200":     gpus.H200_SXM5_141GB,
-	"b200":     gpus.B200_SXM5_180GB,
+	"a100":    gpus.A100_SXM4_40GB,
+	"a100-40": gpus.A100_SXM4_40GB,
+	"a100-80": gpus.A100_SXM4_80GB,
+	"a30":     gpus.A30_PCIE_24GB,
+	"h100":    gpus.H100_SXM5_80GB,
+	"h200":    gpus.H200_SXM5_141GB,
+	"b200":    gpus.B200_SXM5_180GB,
 }
 
 // baseUsedBytes is what the driver holds on an idle simulated GPU.
