@@ -24,7 +24,7 @@ build: deps
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
 run: build
-	./$(BIN)/visionslice-agent --config=nodeagent/testdata/run.yaml
+	./$(BIN)/visionslice-agent --config=manifests/local/agent.yaml
 
 # Every tier: unit, integration (real ORT, OpenCV, cgroup v2, gRPC over unix
 # sockets) and the binary-level tests.
