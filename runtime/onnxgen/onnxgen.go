@@ -107,7 +107,7 @@ func (m *Model) Marshal() ([]byte, error) {
 		return nil, err
 	}
 	var b []byte
-	b = appendInt(b, 1, ir)              // ir_version
+	b = appendInt(b, 1, ir)               // ir_version
 	b = appendString(b, 2, "visionslice") // producer_name
 	var os []byte
 	os = appendString(os, 1, "") // domain: default
