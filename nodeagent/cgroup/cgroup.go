@@ -44,7 +44,7 @@ type Config struct {
 	Parent string `yaml:"parent"`
 	// FreezeTimeout bounds how long Freeze waits for the kernel to report the
 	// group frozen and Delete waits for a killed group to empty (default 2s).
-	FreezeTimeout time.Duration `yaml:"freeze_timeout"`
+	FreezeTimeout time.Duration `yaml:"freezeTimeout"`
 }
 
 func (c Config) withDefaults() Config {
@@ -70,7 +70,7 @@ func (c Config) Validate() error {
 		return fmt.Errorf("cgroup parent: %w", err)
 	}
 	if c.FreezeTimeout < 0 {
-		return fmt.Errorf("cgroup freeze_timeout %s: must not be negative", c.FreezeTimeout)
+		return fmt.Errorf("cgroup freezeTimeout %s: must not be negative", c.FreezeTimeout)
 	}
 	return nil
 }
