@@ -6,6 +6,7 @@ package nodeagent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -144,6 +145,7 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 	a.mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}))
 	a.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	a.mux.HandleFunc("GET /readyz", a.serveReady)
+	a.mux.HandleFunc("GET /debug/gpu", a.serveSnapshot)
 	return a, nil
 }
 
@@ -188,6 +190,20 @@ func (a *Agent) serveReady(w http.ResponseWriter, _ *http.Request) {
 		return
 	}
 	fmt.Fprintln(w, "ok")
+}
+
+// serveSnapshot shows the latest GPU snapshot, per-process memory included
+// (PIDs belong here, never in metric labels).
+func (a *Agent) serveSnapshot(w http.ResponseWriter, _ *http.Request) {
+	s := a.poller.Snapshot()
+	if s == nil {
+		http.Error(w, "gpu inventory not read yet", http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(s)
 }
 
 // Reload applies a new configuration: live fields take effect at once, the

@@ -22,44 +22,44 @@ const (
 
 // Device is one GPU as seen by one poll.
 type Device struct {
-	Index    int
-	UUID     string
-	Name     string
-	PCIBusID string // canonical form, e.g. 0000:3b:00.0
+	Index    int    `json:"index"`
+	UUID     string `json:"uuid"`
+	Name     string `json:"name"`
+	PCIBusID string `json:"pciBusID"` // canonical form, e.g. 0000:3b:00.0
 	// NUMANode is the NUMA node the GPU is attached to, -1 when unknown.
-	NUMANode int
+	NUMANode int `json:"numaNode"`
 
-	MemoryTotalBytes uint64
-	MemoryUsedBytes  uint64
-	MemoryFreeBytes  uint64
+	MemoryTotalBytes uint64 `json:"memoryTotalBytes"`
+	MemoryUsedBytes  uint64 `json:"memoryUsedBytes"`
+	MemoryFreeBytes  uint64 `json:"memoryFreeBytes"`
 	// Utilization is the fraction of the last sample period during which a
 	// kernel ran, 0..1; negative when the driver does not report it.
-	Utilization float64
+	Utilization float64 `json:"utilization"`
 
-	Healthy bool
+	Healthy bool `json:"healthy"`
 	// HealthReason says why a device is unhealthy ("gpu_lost", "xid_79", ...).
-	HealthReason string
+	HealthReason string `json:"healthReason"`
 }
 
 // Process is one process holding memory on one GPU.
 type Process struct {
-	PID             uint32
-	GPUUUID         string
-	UsedMemoryBytes uint64
-	Kind            ProcessKind
+	PID             uint32      `json:"pid"`
+	GPUUUID         string      `json:"gpuUUID"`
+	UsedMemoryBytes uint64      `json:"usedMemoryBytes"`
+	Kind            ProcessKind `json:"kind"`
 }
 
 // Snapshot is the GPU state at one poll. It is immutable once published:
 // readers may keep and share it without locking.
 type Snapshot struct {
 	// Seq increases by one for every published snapshot.
-	Seq uint64
+	Seq uint64 `json:"seq"`
 	// Time is when the poll that made this snapshot finished.
-	Time time.Time
+	Time time.Time `json:"time"`
 	// Devices are ordered by Index.
-	Devices []Device
+	Devices []Device `json:"devices"`
 	// Processes are ordered by GPU index, then PID.
-	Processes []Process
+	Processes []Process `json:"processes"`
 }
 
 // Device returns the device with the given UUID.
