@@ -177,7 +177,7 @@ func New(cfg Config, procs PIDReader, resolver Resolver, lister SliceLister, log
 		logger: logger, procs: procs, resolver: resolver, lister: lister,
 		minRefresh: time.Second, refreshReq: make(chan struct{}, 1),
 		slices: map[Identity][]slice.ID{},
-		pids: map[uint32]pidInfo{}, workers: map[uint32]string{},
+		pids:   map[uint32]pidInfo{}, workers: map[uint32]string{},
 	}
 	t.SetConfig(cfg)
 	return t
