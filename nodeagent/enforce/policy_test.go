@@ -101,8 +101,8 @@ func (h *harness) poll(seq uint64, at time.Duration, usage int64) {
 	if usage >= 0 {
 		r.Groups = []accounting.Usage{{
 			Kind: gpu.GroupContainer, GPUUUID: testGPU,
-			Identity:   accounting.Identity{Namespace: testNS, Pod: testPod, Container: testCtr},
-			PodUID:     testUID, ContainerID: "abc", CgroupPath: testCg, Slices: 2,
+			Identity: accounting.Identity{Namespace: testNS, Pod: testPod, Container: testCtr},
+			PodUID:   testUID, ContainerID: "abc", CgroupPath: testCg, Slices: 2,
 			QuotaBytes: quota, UsageBytes: uint64(usage), PIDs: []uint32{4242},
 		}}
 	}
