@@ -37,8 +37,8 @@ type PodAnnotations interface {
 	Annotations(namespace, name string) (ann map[string]string, ok bool)
 }
 
-// Component is the source of the agent's Events.
-const Component = "visionslice-agent"
+// EventSource is the component named as the source of the agent's Events.
+const EventSource = "visionslice-agent"
 
 // KubeEvents records Events through client-go's event broadcaster, which
 // aggregates repeats and rate-limits per object.
@@ -57,7 +57,7 @@ func NewKubeEvents(client kubernetes.Interface, node string) *KubeEvents {
 	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
 	return &KubeEvents{
 		broadcaster: b,
-		recorder:    b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: Component, Host: node}),
+		recorder:    b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: EventSource, Host: node}),
 	}
 }
 

@@ -27,7 +27,7 @@ func TestKubeEventsPostsPodEvents(t *testing.T) {
 		if len(list.Items) == 1 {
 			e := list.Items[0]
 			if e.Reason != "GPUMemoryOverQuota" || e.InvolvedObject.Kind != "Pod" || e.InvolvedObject.Name != testPod ||
-				string(e.InvolvedObject.UID) != testUID || e.Source.Component != Component || e.Source.Host != "node-a" || e.Type != corev1.EventTypeWarning {
+				string(e.InvolvedObject.UID) != testUID || e.Source.Component != EventSource || e.Source.Host != "node-a" || e.Type != corev1.EventTypeWarning {
 				t.Fatalf("event = %+v", e)
 			}
 			return
