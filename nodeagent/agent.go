@@ -23,6 +23,8 @@ import (
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
+	"github.com/visionslice/visionslice/nodeagent/accounting"
+	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 )
@@ -43,6 +45,8 @@ type Agent struct {
 	reader *gpu.Reader
 	poller *gpu.Poller
 	sim    *sim.GPUs
+	// accounting is nil when enforcement is disabled.
+	accounting *accounting.Tracker
 
 	components []component
 	ready      []readyCheck
@@ -134,13 +138,29 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 	})
 	a.reg.MustRegister(pollDuration)
 	a.poller = gpu.NewPoller(a.reader, cfg.GPU.PollInterval, logger.With("component", "poller"), gpu.WithPollDuration(pollDuration))
-	a.reg.MustRegister(gpu.NewCollector(a.poller, a.reader))
+	gpuCollector := gpu.NewCollector(a.poller, a.reader)
+	a.reg.MustRegister(gpuCollector)
 	a.add("poller", a.poller.Run)
 	a.addReady("gpu_inventory", a.poller.Ready)
 	a.onReload(func(c Config) { a.poller.SetInterval(c.GPU.PollInterval) })
 
 	// components: build each component here, register its metrics on a.reg,
 	// then a.add / a.addReady / a.onReload / a.closers as it needs.
+	if cfg.Enforcement.Enabled {
+		enf, err := enforce.NewComponent(cfg.Enforcement, cfg.NodeName, a.poller, a.reg, logger.With("component", "enforcement"))
+		if err != nil {
+			return nil, fmt.Errorf("enforcement: %w", err)
+		}
+		a.accounting = enf.Tracker
+		gpuCollector.SetGrouper(enf.Tracker)
+		a.add("enforcement", enf.Run)
+		a.closers = append(a.closers, enf.Close)
+		a.onReload(func(c Config) {
+			if err := enf.Reload(c.Enforcement); err != nil {
+				logger.Warn("enforcement config not reloaded", "err", err)
+			}
+		})
+	}
 
 	a.mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}))
 	a.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
@@ -164,6 +184,10 @@ func (a *Agent) Registry() *prometheus.Registry { return a.reg }
 
 // Poller returns the GPU poller every component subscribes to.
 func (a *Agent) Poller() *gpu.Poller { return a.poller }
+
+// Accounting returns the GPU memory accounting (the runtime registers its
+// model workers there), nil when enforcement is disabled.
+func (a *Agent) Accounting() *accounting.Tracker { return a.accounting }
 
 // Sim returns the simulated GPUs, nil for the nvml backend.
 func (a *Agent) Sim() *sim.GPUs { return a.sim }
@@ -305,4 +329,7 @@ func buildInfo() prometheus.Collector {
 // updated, so restartRequired sees only the fields that need a restart.
 func liveFields(old, updated *Config) {
 	// components: copy each section's live fields here.
+	updated.Enforcement.Policy = old.Enforcement.Policy
+	updated.Enforcement.Accounting.SliceBytes = old.Enforcement.Accounting.SliceBytes
+	updated.Enforcement.Accounting.RefreshInterval = old.Enforcement.Accounting.RefreshInterval
 }

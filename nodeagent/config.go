@@ -13,6 +13,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 )
 
@@ -36,6 +37,10 @@ type Config struct {
 	Metrics MetricsConfig `yaml:"metrics"`
 
 	// components: each component adds its section below.
+
+	// Enforcement is GPU memory accounting per container and the overrun
+	// policy (policy and accounting.sliceBytes/refreshInterval are live).
+	Enforcement enforce.Section `yaml:"enforcement"`
 }
 
 // GPUConfig configures the GPU seam.
@@ -75,8 +80,9 @@ func DefaultConfig() Config {
 			PollInterval: 200 * time.Millisecond,
 			XIDRecovery:  time.Minute,
 		},
-		Log:     LogConfig{Level: "info"},
-		Metrics: MetricsConfig{Listen: ":9402"},
+		Log:         LogConfig{Level: "info"},
+		Metrics:     MetricsConfig{Listen: ":9402"},
+		Enforcement: enforce.DefaultSection(),
 	}
 }
 
@@ -117,6 +123,9 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("metrics.listen %q: %w", c.Metrics.Listen, err))
 	}
 	// components: validate each section here.
+	if err := c.Enforcement.Validate(); err != nil {
+		errs = append(errs, fmt.Errorf("enforcement: %w", err))
+	}
 	return errors.Join(errs...)
 }
 

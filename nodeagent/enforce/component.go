@@ -81,7 +81,7 @@ func NewComponent(sec Section, node string, snaps SnapshotSource, reg prometheus
 	}
 	c := &Component{logger: logger, lister: &lazyLister{socket: sec.Accounting.PodResourcesSocket}}
 	resolver := accounting.NewLogDirs(sec.Accounting.PodLogsDir, sec.Accounting.ContainerLogsDir, sec.Accounting.RefreshInterval/10)
-	c.Tracker = accounting.New(sec.Accounting, procfs.NewReader(sec.Accounting.HostProc), resolver, c.lister, logger.With("component", "accounting"))
+	c.Tracker = accounting.New(sec.Accounting, procfs.NewReader(sec.Accounting.HostProc), resolver, c.lister, logger)
 	if err := reg.Register(c.Tracker.Collector()); err != nil {
 		return nil, fmt.Errorf("register accounting metrics: %w", err)
 	}
@@ -104,7 +104,7 @@ func NewComponent(sec Section, node string, snaps SnapshotSource, reg prometheus
 		c.events = NewKubeEvents(client, node)
 		deps.Pods, deps.Events = c.pods, c.events
 	}
-	c.Enforcer, err = New(sec.Policy, deps, logger.With("component", "enforcement"))
+	c.Enforcer, err = New(sec.Policy, deps, logger)
 	if err != nil {
 		c.Close()
 		return nil, err
