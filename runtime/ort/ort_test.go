@@ -1,12 +1,10 @@
 package ort_test
 
 import (
-	"encoding/binary"
 	"errors"
 	"image"
 	"image/color"
 	"image/draw"
-	"math"
 	"os"
 	"slices"
 	"testing"
@@ -44,21 +42,6 @@ func newSession(tb testing.TB, model []byte, err error) *ort.Session {
 	return s
 }
 
-func f32(name string, shape []int64, v ...float32) tensor.Tensor {
-	b := make([]byte, 0, 4*len(v))
-	for _, x := range v {
-		b = binary.LittleEndian.AppendUint32(b, math.Float32bits(x))
-	}
-	return tensor.Tensor{Name: name, Datatype: tensor.FP32, Shape: shape, Data: b}
-}
-
-func floats(t tensor.Tensor) []float32 {
-	out := make([]float32, len(t.Data)/4)
-	for i := range out {
-		out[i] = math.Float32frombits(binary.LittleEndian.Uint32(t.Data[4*i:]))
-	}
-	return out
-}
 
 func TestInitTwice(t *testing.T) {
 	initORT(t)
@@ -90,14 +73,14 @@ func TestMetadataAndDynamicBatch(t *testing.T) {
 		for i := range a {
 			a[i], b[i] = float32(i), float32(2*i)+0.5
 		}
-		out, err := s.Run([]tensor.Tensor{f32("b", []int64{batch, 3}, b...), f32("a", []int64{batch, 3}, a...)}, nil)
+		out, err := s.Run([]tensor.Tensor{onnxgen.FP32("b", []int64{batch, 3}, b...), onnxgen.FP32("a", []int64{batch, 3}, a...)}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if len(out) != 1 || out[0].Name != "c" || !slices.Equal(out[0].Shape, []int64{batch, 3}) {
 			t.Fatalf("batch %d: output %+v", batch, out)
 		}
-		for i, v := range floats(out[0]) {
+		for i, v := range onnxgen.Float32s(out[0]) {
 			if v != a[i]+b[i] {
 				t.Fatalf("batch %d: c[%d] = %v, want %v", batch, i, v, a[i]+b[i])
 			}
@@ -140,7 +123,7 @@ func TestDatatypes(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := floats(out[0]); !slices.Equal(got, []float32{1, -2}) {
+		if got := onnxgen.Float32s(out[0]); !slices.Equal(got, []float32{1, -2}) {
 			t.Fatalf("cast = %v", got)
 		}
 	})
@@ -150,13 +133,13 @@ func TestReduceSumAndOutputSelection(t *testing.T) {
 	initORT(t)
 	m, err := onnxgen.ReduceSum(tensor.FP32, []int64{onnxgen.Dynamic, 2, 3}, 2)
 	s := newSession(t, m, err)
-	in := f32("x", []int64{2, 2, 3}, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+	in := onnxgen.FP32("x", []int64{2, 2, 3}, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 	out, err := s.Run([]tensor.Tensor{in}, []string{"y"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(out) != 1 || out[0].Name != "y" || !slices.Equal(out[0].Shape, []int64{2, 2}) || !slices.Equal(floats(out[0]), []float32{6, 15, 24, 33}) {
-		t.Fatalf("y = %+v %v", out, floats(out[0]))
+	if len(out) != 1 || out[0].Name != "y" || !slices.Equal(out[0].Shape, []int64{2, 2}) || !slices.Equal(onnxgen.Float32s(out[0]), []float32{6, 15, 24, 33}) {
+		t.Fatalf("y = %+v %v", out, onnxgen.Float32s(out[0]))
 	}
 	out, err = s.Run([]tensor.Tensor{in}, []string{"z", "y"})
 	if err != nil {
@@ -171,20 +154,20 @@ func TestBadInputs(t *testing.T) {
 	initORT(t)
 	m, err := onnxgen.Binary("Mul", tensor.FP32, []int64{onnxgen.Dynamic, 2})
 	s := newSession(t, m, err)
-	a := f32("a", []int64{1, 2}, 1, 2)
-	b := f32("b", []int64{1, 2}, 3, 4)
+	a := onnxgen.FP32("a", []int64{1, 2}, 1, 2)
+	b := onnxgen.FP32("b", []int64{1, 2}, 3, 4)
 	cases := []struct {
 		name    string
 		inputs  []tensor.Tensor
 		outputs []string
 	}{
 		{"missing input", []tensor.Tensor{a}, nil},
-		{"extra input", []tensor.Tensor{a, b, f32("c", []int64{1, 2}, 0, 0)}, nil},
-		{"unknown input", []tensor.Tensor{a, f32("q", []int64{1, 2}, 0, 0)}, nil},
+		{"extra input", []tensor.Tensor{a, b, onnxgen.FP32("c", []int64{1, 2}, 0, 0)}, nil},
+		{"unknown input", []tensor.Tensor{a, onnxgen.FP32("q", []int64{1, 2}, 0, 0)}, nil},
 		{"duplicate input", []tensor.Tensor{a, a}, nil},
 		{"wrong dtype", []tensor.Tensor{a, {Name: "b", Datatype: tensor.Int32, Shape: []int64{1, 2}, Data: make([]byte, 8)}}, nil},
-		{"wrong rank", []tensor.Tensor{a, f32("b", []int64{2}, 0, 0)}, nil},
-		{"wrong fixed dim", []tensor.Tensor{a, f32("b", []int64{1, 3}, 0, 0, 0)}, nil},
+		{"wrong rank", []tensor.Tensor{a, onnxgen.FP32("b", []int64{2}, 0, 0)}, nil},
+		{"wrong fixed dim", []tensor.Tensor{a, onnxgen.FP32("b", []int64{1, 3}, 0, 0, 0)}, nil},
 		{"data short of shape", []tensor.Tensor{a, {Name: "b", Datatype: tensor.FP32, Shape: []int64{2, 2}, Data: make([]byte, 8)}}, nil},
 		{"empty tensor", []tensor.Tensor{a, {Name: "b", Datatype: tensor.FP32, Shape: []int64{0, 2}}}, nil},
 		{"unknown output", []tensor.Tensor{a, b}, []string{"nope"}},
@@ -242,7 +225,7 @@ func nchw(img *image.RGBA) tensor.Tensor {
 			}
 		}
 	}
-	return f32("x", []int64{1, 3, int64(h), int64(w)}, v...)
+	return onnxgen.FP32("x", []int64{1, 3, int64(h), int64(w)}, v...)
 }
 
 func ppocrModel(tb testing.TB) []byte {
@@ -277,7 +260,7 @@ func TestPPOCRDetOnTextImage(t *testing.T) {
 	if len(out) != 1 || !slices.Equal(out[0].Shape, []int64{1, 1, 640, 640}) {
 		t.Fatalf("output %+v", out)
 	}
-	prob := floats(out[0])
+	prob := onnxgen.Float32s(out[0])
 	inWord := func(x, y int) bool {
 		for _, r := range words {
 			if image.Pt(x, y).In(r) {
