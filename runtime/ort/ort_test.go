@@ -42,7 +42,6 @@ func newSession(tb testing.TB, model []byte, err error) *ort.Session {
 	return s
 }
 
-
 func TestInitTwice(t *testing.T) {
 	initORT(t)
 	if err := ort.Init(os.Getenv("VISIONSLICE_ORT_LIB")); err != nil {

@@ -130,7 +130,6 @@ func start(t testing.TB, cfg supervisor.Config, m supervisor.Model, groups super
 	return p
 }
 
-
 // alive reports whether a process with this PID exists (and is not a zombie
 // of ours: the supervisor reaps).
 func alive(pid int) bool {
