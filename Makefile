@@ -12,7 +12,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/visionslice/visionslice/nodeagent.Version=$(VERSION)
 GOTESTFLAGS ?=
 
-.PHONY: all deps build run test unit bench lint clean
+.PHONY: all deps build run test unit bench lint clean k8s-tools e2e
 
 all: build
 
@@ -31,6 +31,17 @@ run: build
 test: deps
 	$(GO) vet ./...
 	$(GO) test $(GOTESTFLAGS) -count=1 ./...
+	@$(MAKE) --no-print-directory e2e
+
+# The Kubernetes tier: test/k8s is a Go module of its own (k8s.io/kubernetes
+# with its staging replace lines stays out of go.mod), run against a real etcd,
+# kube-apiserver and kube-scheduler built once into $(VISIONSLICE_CACHE)/k8s.
+k8s-tools:
+	@bash test/k8s/build-tools.sh
+
+e2e: deps
+	@bin=$$(bash test/k8s/build-tools.sh); cd test/k8s && $(GO) vet ./... && \
+		VISIONSLICE_K8S_BIN=$$bin $(GO) test $(GOTESTFLAGS) -count=1 ./...
 
 bench: deps
 	$(GO) test -run='^$$' -bench=. -benchmem -count=1 ./...
