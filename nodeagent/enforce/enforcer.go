@@ -62,6 +62,9 @@ type Record struct {
 	CgroupPath   string
 	SnapshotSeq  uint64
 	SnapshotTime time.Time
+	// ActionDuration is how long the cgroup operation took (a freeze
+	// returns once the kernel reports the group frozen).
+	ActionDuration time.Duration
 }
 
 // Results of an action.
@@ -101,6 +104,7 @@ type Enforcer struct {
 	rejected map[string]string // pod uid -> annotation value already audited
 	lastSeq  uint64
 	report   *accounting.Report
+	lastAct  time.Duration // duration of the latest cgroup operation
 
 	overruns *prometheus.CounterVec
 	actions  *prometheus.CounterVec
@@ -333,8 +337,11 @@ func (e *Enforcer) thaw(r *accounting.Report, u accounting.Usage, now time.Time,
 	e.deps.Events.Event(podRef(u), corev1.EventTypeNormal, "GPUMemoryThawed", fmt.Sprintf("container %s thawed: %s", u.Container, why))
 }
 
-// act opens the container's cgroup and applies op.
+// act opens the container's cgroup and applies op; e.lastAct keeps how
+// long it took for the audit record that follows.
 func (e *Enforcer) act(u accounting.Usage, op func(cgroup.Group) error) error {
+	start := time.Now()
+	defer func() { e.lastAct = time.Since(start) }()
 	if u.CgroupPath == "" {
 		return errors.New("container has no cgroup v2 path (cgroup v1 only)")
 	}
@@ -371,11 +378,14 @@ func (e *Enforcer) record(r *accounting.Report, u accounting.Usage, now time.Tim
 		Action: a, Result: result, Reason: reason, CgroupPath: u.CgroupPath,
 		SnapshotSeq: r.Seq, SnapshotTime: r.Time,
 	}
+	if a != ActionObserve && a != actionRejectAnnotation {
+		rec.ActionDuration = e.lastAct
+	}
 	attrs := []any{
 		"audit", true, "namespace", rec.Namespace, "pod", rec.Pod, "pod_uid", rec.PodUID, "container", rec.Container,
 		"gpu_uuid", rec.GPUUUID, "quota_bytes", rec.QuotaBytes, "usage_bytes", rec.UsageBytes,
 		"action", string(rec.Action), "result", rec.Result, "reason", rec.Reason, "cgroup", rec.CgroupPath,
-		"snapshot_seq", rec.SnapshotSeq,
+		"snapshot_seq", rec.SnapshotSeq, "action_duration_seconds", rec.ActionDuration.Seconds(),
 	}
 	level := slog.LevelInfo
 	if result == ResultRejected {
