@@ -362,8 +362,14 @@ func (t *Tracker) Account(s *gpu.Snapshot) *Report {
 		if a.Kind != b.Kind {
 			return a.Kind < b.Kind
 		}
-		if a.Identity != b.Identity {
-			return a.Identity.String() < b.Identity.String()
+		if a.Namespace != b.Namespace {
+			return a.Namespace < b.Namespace
+		}
+		if a.Pod != b.Pod {
+			return a.Pod < b.Pod
+		}
+		if a.Container != b.Container {
+			return a.Container < b.Container
 		}
 		return a.Model < b.Model
 	})

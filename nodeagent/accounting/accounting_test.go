@@ -329,3 +329,57 @@ func TestConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkAccount accounts one snapshot of 8 GPUs × 64 processes, each
+// process its own container with slices, with the PID cache warm (the
+// steady state: only new PIDs read /proc).
+func BenchmarkAccount(b *testing.B) {
+	proc, logs := b.TempDir(), b.TempDir()
+	var cds []podresources.ContainerDevices
+	var procs []gpu.Process
+	var devs []gpu.Device
+	for g := range 8 {
+		uuid := "GPU-00000000-0000-4000-8000-0000000001" + strconv.Itoa(10+g)
+		devs = append(devs, gpu.Device{Index: g, UUID: uuid, Healthy: true})
+		for i := range 64 {
+			pid := 1000 + g*64 + i
+			uid := "eeeeeeee-0000-4000-8000-" + strings.Repeat("0", 6) + strconv.Itoa(100000+pid)
+			id := strings.Repeat("f", 58) + strconv.Itoa(100000+pid)
+			name := "c" + strconv.Itoa(pid)
+			dir := filepath.Join(proc, strconv.Itoa(pid))
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				b.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, "cgroup"), []byte(containerCgroupLine(uid, id)), 0o644); err != nil {
+				b.Fatal(err)
+			}
+			if err := os.Symlink("x", filepath.Join(logs, "pod-"+name+"_ns_"+name+"-"+id+".log")); err != nil {
+				b.Fatal(err)
+			}
+			cds = append(cds, podresources.ContainerDevices{Namespace: "ns", Pod: "pod-" + name, Container: name,
+				ResourceName: slice.ResourceName, DeviceIDs: sliceIDs(uuid, i)})
+			procs = append(procs, p(uint32(pid), uuid, gib))
+		}
+	}
+	srv := podresourcestest.New(b)
+	srv.SetContainers(cds)
+	client, err := podresources.Dial(context.Background(), srv.Socket())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	cfg := DefaultConfig()
+	tr := New(cfg, procfs.NewReader(proc), NewLogDirs(logs, logs, time.Hour), client, discard())
+	if err := tr.Refresh(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	s := &gpu.Snapshot{Devices: devs, Processes: procs}
+	if r := tr.Account(s); len(r.Groups) != 512 {
+		b.Fatalf("groups = %d, want 512", len(r.Groups))
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		tr.Account(s)
+	}
+}
