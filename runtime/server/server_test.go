@@ -215,7 +215,7 @@ func TestServeTinyModelWithWorkers(t *testing.T) {
 	}
 	// gRPC.
 	g, err := r.grpc.ModelInfer(context.Background(), &pb.ModelInferRequest{ModelName: "add",
-		Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "a", Datatype: "FP32", Shape: []int64{2, 4}}, {Name: "b", Datatype: "FP32", Shape: []int64{2, 4}}},
+		Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "a", Datatype: "FP32", Shape: []int64{2, 4}}, {Name: "b", Datatype: "FP32", Shape: []int64{2, 4}}},
 		RawInputContents: [][]byte{onnxgen.FP32("a", nil, 1, 1, 1, 1, 2, 2, 2, 2).Data, onnxgen.FP32("b", nil, 1, 2, 3, 4, 5, 6, 7, 8).Data}})
 	if err != nil {
 		t.Fatal(err)
