@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -17,6 +16,7 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/visionslice/visionslice/deviceplugin"
+	"github.com/visionslice/visionslice/deviceplugin/kubelettest"
 	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 )
@@ -103,53 +103,19 @@ func dev(index int, uuid string, mib uint64, numa int) gpu.Device {
 	return gpu.Device{Index: index, UUID: uuid, NUMANode: numa, MemoryTotalBytes: mib << 20, MemoryFreeBytes: mib << 20, Healthy: true}
 }
 
-// testKubelet is the kubelet's Registration service on kubelet.sock.
-type testKubelet struct {
-	pluginapi.UnimplementedRegistrationServer
-	path string
-	srv  *grpc.Server
-	regs chan *pluginapi.RegisterRequest
-	done chan struct{}
-}
-
 func startKubelet(t testing.TB, dir string) *testKubelet {
 	t.Helper()
-	path := filepath.Join(dir, deviceplugin.DefaultKubeletSocket)
-	lis, err := net.Listen("unix", path)
-	if err != nil {
-		t.Fatalf("test kubelet: %v", err)
-	}
-	k := &testKubelet{path: path, srv: grpc.NewServer(), regs: make(chan *pluginapi.RegisterRequest, 16), done: make(chan struct{})}
-	pluginapi.RegisterRegistrationServer(k.srv, k)
-	go func() {
-		defer close(k.done)
-		_ = k.srv.Serve(lis)
-	}()
-	t.Cleanup(k.stop)
-	return k
+	return &testKubelet{kubelettest.Start(t, dir)}
 }
 
-func (k *testKubelet) Register(_ context.Context, r *pluginapi.RegisterRequest) (*pluginapi.Empty, error) {
-	k.regs <- r
-	return &pluginapi.Empty{}, nil
-}
+// testKubelet adapts kubelettest.Kubelet to the tests' wait limit.
+type testKubelet struct{ *kubelettest.Kubelet }
 
-// stop stops the kubelet and removes its socket, as a kubelet restart does.
-func (k *testKubelet) stop() {
-	k.srv.Stop()
-	<-k.done
-	_ = os.Remove(k.path)
-}
+func (k *testKubelet) stop() { k.Stop() }
 
 func (k *testKubelet) waitRegistration(t testing.TB) *pluginapi.RegisterRequest {
 	t.Helper()
-	select {
-	case r := <-k.regs:
-		return r
-	case <-time.After(waitLimit):
-		t.Fatalf("no registration within %s", waitLimit)
-		return nil
-	}
+	return k.WaitRegistration(t, waitLimit)
 }
 
 // harness is a running plugin with its kubelet.

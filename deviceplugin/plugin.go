@@ -166,6 +166,9 @@ func (p *Plugin) Run(ctx context.Context) error {
 	snaps, unsubscribe := p.src.Subscribe()
 	defer unsubscribe()
 
+	if err := p.waitForDir(ctx); err != nil || ctx.Err() != nil {
+		return err
+	}
 	watcher, err := fsnotify.NewWatcher()
 	if err != nil {
 		return fmt.Errorf("watch device plugin folder: %w", err)
@@ -252,6 +255,33 @@ func (p *Plugin) Run(ctx context.Context) error {
 			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			p.reconcile(rctx)
 			cancel()
+		}
+	}
+}
+
+// waitForDir waits until the device-plugins folder exists: the kubelet
+// makes it, and an agent started before the kubelet (or on a host without
+// one, with simulated GPUs) should wait rather than fail.
+func (p *Plugin) waitForDir(ctx context.Context) error {
+	logged := false
+	for {
+		fi, err := os.Stat(p.cfg.SocketDir)
+		switch {
+		case err == nil && fi.IsDir():
+			return nil
+		case err == nil:
+			return fmt.Errorf("device plugin folder %s is not a folder", p.cfg.SocketDir)
+		case !errors.Is(err, os.ErrNotExist):
+			return fmt.Errorf("device plugin folder: %w", err)
+		}
+		if !logged {
+			p.logger.Warn("device plugin folder missing; waiting for the kubelet to make it", "socket_dir", p.cfg.SocketDir)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Second):
 		}
 	}
 }

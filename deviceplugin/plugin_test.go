@@ -565,7 +565,10 @@ visionslice_deviceplugin_registrations_total{result="success"} 1
 
 func TestConfig(t *testing.T) {
 	t.Parallel()
-	def := deviceplugin.Config{}.WithDefaults()
+	def := deviceplugin.DefaultConfig()
+	if !def.Enabled {
+		t.Error("plugin disabled by default")
+	}
 	if err := def.Validate(); err != nil {
 		t.Fatalf("defaults invalid: %v", err)
 	}
@@ -601,5 +604,46 @@ func TestConfig(t *testing.T) {
 				t.Error("New accepted an invalid config")
 			}
 		})
+	}
+}
+
+// TestWaitsForKubeletFolderAndGPUs: an agent started before the kubelet made
+// its folder, and before the first GPU poll, waits for both, then registers.
+func TestWaitsForKubeletFolderAndGPUs(t *testing.T) {
+	t.Parallel()
+	dir := filepath.Join(shortDir(t), "dp")
+	src := newFakeSource()
+	p, err := deviceplugin.New(deviceplugin.Config{SocketDir: dir, PodResourcesSocket: filepath.Join(dir, "none.sock")}, src, nil, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	k := startKubelet(t, dir)
+	src.Set(dev(0, "GPU-a", 2048, 0))
+	if r := k.waitRegistration(t); r.ResourceName != slice.ResourceName {
+		t.Errorf("registered %q", r.ResourceName)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+
+	// Cancelled while still waiting for the folder: Run returns nil at once.
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	p2, err := deviceplugin.New(deviceplugin.Config{SocketDir: filepath.Join(dir, "missing")}, src, nil, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- p2.Run(ctx2) }()
+	cancel2()
+	if err := <-done; err != nil {
+		t.Fatalf("Run while waiting: %v", err)
 	}
 }

@@ -23,6 +23,7 @@ import (
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
+	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/nodeagent/accounting"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
@@ -160,6 +161,18 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 				logger.Warn("enforcement config not reloaded", "err", err)
 			}
 		})
+	}
+
+	if cfg.DevicePlugin.Enabled {
+		dp, err := deviceplugin.New(cfg.DevicePlugin, a.poller, a.reg, logger)
+		if err != nil {
+			return nil, fmt.Errorf("device plugin: %w", err)
+		}
+		a.add("deviceplugin", dp.Run)
+		if b := uint64(dp.Config().SliceMiB) << 20; cfg.Enforcement.Enabled && cfg.Enforcement.Accounting.SliceBytes != b {
+			logger.Warn("devicePlugin.sliceMiB and enforcement.accounting.sliceBytes differ; limits will not match slices",
+				"device_plugin_slice_bytes", b, "accounting_slice_bytes", cfg.Enforcement.Accounting.SliceBytes)
+		}
 	}
 
 	a.mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}))

@@ -13,6 +13,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 )
@@ -41,6 +42,10 @@ type Config struct {
 	// Enforcement is GPU memory accounting per container and the overrun
 	// policy (policy and accounting.sliceBytes/refreshInterval are live).
 	Enforcement enforce.Section `yaml:"enforcement"`
+
+	// DevicePlugin is the kubelet device plugin of visionslice.io/gpu-slice
+	// (restart required).
+	DevicePlugin deviceplugin.Config `yaml:"devicePlugin"`
 }
 
 // GPUConfig configures the GPU seam.
@@ -83,6 +88,8 @@ func DefaultConfig() Config {
 		Log:         LogConfig{Level: "info"},
 		Metrics:     MetricsConfig{Listen: ":9402"},
 		Enforcement: enforce.DefaultSection(),
+
+		DevicePlugin: deviceplugin.DefaultConfig(),
 	}
 }
 
@@ -125,6 +132,11 @@ func (c Config) Validate() error {
 	// components: validate each section here.
 	if err := c.Enforcement.Validate(); err != nil {
 		errs = append(errs, fmt.Errorf("enforcement: %w", err))
+	}
+	if c.DevicePlugin.Enabled {
+		if err := c.DevicePlugin.WithDefaults().Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
