@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"os"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -189,18 +190,45 @@ func (c Config) Validate() error {
 // ParseConfig reads a YAML config: unknown keys and versions are errors that
 // name the line; unset fields take defaults.
 func ParseConfig(b []byte) (Config, error) {
+	var head yaml.Node
+	if err := yaml.Unmarshal(b, &head); err != nil {
+		return Config{}, fmt.Errorf("parse scheduler config: %w", err)
+	}
+	if len(head.Content) == 0 || head.Content[0].Kind != yaml.MappingNode {
+		return Config{}, errors.New("parse scheduler config: want a YAML mapping with version: " + ConfigVersion)
+	}
+	root, line := head.Content[0], head.Content[0].Line
+	version := ""
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		if root.Content[i].Value == "version" {
+			version, line = root.Content[i+1].Value, root.Content[i+1].Line
+		}
+	}
+	if version != ConfigVersion {
+		return Config{}, fmt.Errorf("parse scheduler config: line %d: version %q is not supported (want %q)", line, version, ConfigVersion)
+	}
 	var c Config
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil {
 		return Config{}, fmt.Errorf("parse scheduler config: %w", err)
 	}
-	if c.Version != ConfigVersion {
-		return Config{}, fmt.Errorf("parse scheduler config: version %q is not supported: want %q", c.Version, ConfigVersion)
-	}
 	c.Complete()
 	if err := c.Validate(); err != nil {
 		return Config{}, fmt.Errorf("scheduler config: %w", err)
+	}
+	return c, nil
+}
+
+// LoadConfig reads and parses a config file.
+func LoadConfig(path string) (Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("read scheduler config: %w", err)
+	}
+	c, err := ParseConfig(b)
+	if err != nil {
+		return Config{}, fmt.Errorf("%s: %w", path, err)
 	}
 	return c, nil
 }

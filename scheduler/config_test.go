@@ -1,0 +1,57 @@
+package scheduler
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/visionslice/visionslice/scheduler/fit"
+)
+
+func TestParseConfig(t *testing.T) {
+	t.Parallel()
+	good := `version: v1
+strategy: spread
+weights: {fit: 2, headroom: 0, utilization: 1}
+staleness: {ttl: 20s, policy: failOpen}
+scrape: {interval: 2s}
+targets:
+  pods: {namespace: visionslice, selector: app.kubernetes.io/name=visionslice-agent, port: 9402}
+`
+	c, err := ParseConfig([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Strategy != fit.Spread || c.Weights.Fit != 2 || c.Staleness.TTL != 20*time.Second || c.Staleness.Policy != FailOpen ||
+		c.Scrape.Interval != 2*time.Second || c.Scrape.Timeout != 2*time.Second || c.Targets.Pods.Path != "/metrics" ||
+		c.AssumeTimeout != 2*time.Minute {
+		t.Fatalf("parsed %+v", c)
+	}
+	d, err := ParseConfig([]byte("version: v1\nscrape: {interval: 10s}\n"))
+	if err != nil || d.Staleness.TTL != 30*time.Second || *d.Weights != fit.DefaultWeights() {
+		t.Fatalf("defaults: %+v %v", d, err)
+	}
+
+	tests := []struct{ name, yaml, want string }{
+		{"unknown key", "version: v1\nstrategy: binpack\ncolour: red\n", "line 3: field colour not found"},
+		{"wrong version", "strategy: binpack\nversion: v2\n", `line 2: version "v2" is not supported`},
+		{"no version", "strategy: binpack\n", `version "" is not supported`},
+		{"not a mapping", "- a\n", "YAML mapping"},
+		{"bad strategy", "version: v1\nstrategy: tetris\n", "unknown strategy"},
+		{"bad policy", "version: v1\nstaleness: {policy: maybe}\n", "failClosed or failOpen"},
+		{"negative weight", "version: v1\nweights: {fit: -1}\n", "must not be negative"},
+		{"both targets", "version: v1\ntargets: {static: {n1: 'http://a:1/metrics'}, pods: {selector: a=b, port: 1}}\n", "not both"},
+		{"bad static url", "version: v1\ntargets: {static: {n1: 'ftp://a'}}\n", "not an http(s) URL"},
+		{"pods without port", "version: v1\ntargets: {pods: {selector: a=b}}\n", "port in 1..65535"},
+		{"timeout over interval", "version: v1\nscrape: {interval: 1s, timeout: 2s}\n", "at most the interval"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := ParseConfig([]byte(tc.yaml))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err %v, want %q", err, tc.want)
+			}
+		})
+	}
+}
