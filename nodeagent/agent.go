@@ -28,6 +28,7 @@ import (
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
+	"github.com/visionslice/visionslice/runtime/server"
 )
 
 // Version is set at build time with -ldflags.
@@ -173,6 +174,14 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			logger.Warn("devicePlugin.sliceMiB and enforcement.accounting.sliceBytes differ; limits will not match slices",
 				"device_plugin_slice_bytes", b, "accounting_slice_bytes", cfg.Enforcement.Accounting.SliceBytes)
 		}
+	}
+
+	if cfg.Runtime.Enabled {
+		rt, err := server.New(cfg.Runtime, server.Deps{GPUs: a.poller, Registerer: a.reg, Version: Version}, logger.With("component", "runtime"))
+		if err != nil {
+			return nil, fmt.Errorf("runtime: %w", err)
+		}
+		a.add("runtime", rt.Run)
 	}
 
 	a.mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}))

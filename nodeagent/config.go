@@ -16,6 +16,7 @@ import (
 	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
+	"github.com/visionslice/visionslice/runtime/server"
 )
 
 // ConfigVersion is the only config file version this agent reads.
@@ -46,6 +47,10 @@ type Config struct {
 	// DevicePlugin is the kubelet device plugin of visionslice.io/gpu-slice
 	// (restart required).
 	DevicePlugin deviceplugin.Config `yaml:"devicePlugin"`
+
+	// Runtime is the co-hosted inference runtime: model repository, worker
+	// processes, Open Inference Protocol on HTTP and gRPC (restart required).
+	Runtime server.Config `yaml:"runtime"`
 }
 
 // GPUConfig configures the GPU seam.
@@ -90,6 +95,7 @@ func DefaultConfig() Config {
 		Enforcement: enforce.DefaultSection(),
 
 		DevicePlugin: deviceplugin.DefaultConfig(),
+		Runtime:      server.DefaultConfig(),
 	}
 }
 
@@ -137,6 +143,9 @@ func (c Config) Validate() error {
 		if err := c.DevicePlugin.WithDefaults().Validate(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := c.Runtime.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

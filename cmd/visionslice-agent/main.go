@@ -36,6 +36,9 @@ type flags struct {
 	poll      time.Duration
 	version   bool
 	checkOnly bool
+	runtime   bool
+	modelRepo string
+	ortLib    string
 }
 
 func parseFlags(args []string) (*flags, error) {
@@ -47,6 +50,9 @@ func parseFlags(args []string) (*flags, error) {
 	f.fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error (overrides log.level)")
 	f.fs.DurationVar(&f.poll, "poll-interval", 0, "GPU poll interval (overrides gpu.pollInterval)")
 	f.fs.BoolVar(&f.checkOnly, "check-config", false, "validate the configuration, print it and exit")
+	f.fs.BoolVar(&f.runtime, "runtime", false, "serve the inference runtime (overrides runtime.enabled)")
+	f.fs.StringVar(&f.modelRepo, "model-repository", defaultRepository(), "model repository used when runtime.repository is empty (default $VISIONSLICE_CACHE/repository)")
+	f.fs.StringVar(&f.ortLib, "ort-lib", os.Getenv("VISIONSLICE_ORT_LIB"), "libonnxruntime.so used when runtime.workers.ortLibrary is empty (default $VISIONSLICE_ORT_LIB)")
 	f.fs.BoolVar(&f.version, "version", false, "print the version and exit")
 	return f, f.fs.Parse(args)
 }
@@ -73,6 +79,21 @@ func (f *flags) load() (nodeagent.Config, error) {
 	}
 	if set["poll-interval"] {
 		cfg.GPU.PollInterval = f.poll
+	}
+	if set["runtime"] {
+		cfg.Runtime.Enabled = f.runtime
+	}
+	if cfg.Runtime.Repository == "" {
+		cfg.Runtime.Repository = f.modelRepo
+	}
+	if cfg.Runtime.Workers.ORTLibrary == "" {
+		cfg.Runtime.Workers.ORTLibrary = f.ortLib
+	}
+	if cfg.Runtime.Workers.WorkerBinary == "" {
+		// visionslice-worker is built next to the agent.
+		if exe, err := os.Executable(); err == nil {
+			cfg.Runtime.Workers.WorkerBinary = filepath.Join(filepath.Dir(exe), "visionslice-worker")
+		}
 	}
 	if cfg.NodeName == "" {
 		cfg.NodeName = f.nodeName
@@ -166,4 +187,13 @@ func watchReload(ctx context.Context, f *flags, agent *nodeagent.Agent, logger *
 			reload("file_changed")
 		}
 	}
+}
+
+// defaultRepository is $VISIONSLICE_CACHE/repository, where `make deps` lays
+// out the default model repository.
+func defaultRepository() string {
+	if c := os.Getenv("VISIONSLICE_CACHE"); c != "" {
+		return filepath.Join(c, "repository")
+	}
+	return ""
 }
