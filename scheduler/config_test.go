@@ -1,10 +1,16 @@
 package scheduler
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	schedconfigv1 "k8s.io/kube-scheduler/config/v1"
+	sigyaml "sigs.k8s.io/yaml"
+
+	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/scheduler/fit"
 )
 
@@ -53,5 +59,36 @@ targets:
 				t.Fatalf("err %v, want %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestManifestConfigs parses the configs shipped in manifests/scheduler with
+// the real parsers: ours, and the KubeSchedulerConfiguration types.
+func TestManifestConfigs(t *testing.T) {
+	t.Parallel()
+	dir := filepath.Join("..", "manifests", "scheduler")
+	c, err := LoadConfig(filepath.Join(dir, "scheduler.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Targets.Pods == nil || c.Targets.Pods.Port != 9402 || c.AssignmentKeyFile == "" {
+		t.Fatalf("shipped config %+v", c)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "kube-scheduler-config.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ksc schedconfigv1.KubeSchedulerConfiguration
+	if err := sigyaml.UnmarshalStrict(b, &ksc); err != nil {
+		t.Fatalf("kube-scheduler config: %v", err)
+	}
+	if len(ksc.Extenders) != 1 {
+		t.Fatalf("%d extenders", len(ksc.Extenders))
+	}
+	x := ksc.Extenders[0]
+	if x.FilterVerb != "filter" || x.PrioritizeVerb != "prioritize" || x.BindVerb != "bind" || !x.NodeCacheCapable ||
+		len(x.ManagedResources) != 1 || x.ManagedResources[0].Name != slice.ResourceName || x.ManagedResources[0].IgnoredByScheduler ||
+		!strings.Contains(x.URLPrefix, ":8888") {
+		t.Fatalf("extender entry %+v", x)
 	}
 }
