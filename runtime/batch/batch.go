@@ -115,6 +115,12 @@ type Batcher struct {
 	wake    chan struct{}
 	stopped chan struct{}
 	wg      sync.WaitGroup
+
+	// Pass-through mode (MaxBatchSize 1): callers run the runner in their
+	// own goroutine once they hold a slot; waiting counts those queued.
+	waiting  atomic.Int64
+	closing  chan struct{}
+	closeOne sync.Once
 }
 
 // Option customises a Batcher.
@@ -148,6 +154,7 @@ func New(cfg Config, runner Runner, logger *slog.Logger, opts ...Option) (*Batch
 		slots:   make(chan struct{}, cfg.Concurrency),
 		wake:    make(chan struct{}, 1),
 		stopped: make(chan struct{}),
+		closing: make(chan struct{}),
 	}
 	for _, o := range opts {
 		o(b)
@@ -177,6 +184,9 @@ func (b *Batcher) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []s
 		r.ctx = ctx
 	}
 	r.items, r.key = 1, ""
+	if b.cfg.MaxBatchSize == 1 {
+		return b.passThrough(r)
+	}
 	if b.cfg.MaxBatchSize > 1 {
 		var err error
 		if r.items, r.key, err = batchKey(inputs, outputs); err != nil {
@@ -227,15 +237,73 @@ func (b *Batcher) signal() {
 
 // QueueLen returns the number of queued requests.
 func (b *Batcher) QueueLen() int {
+	if b.cfg.MaxBatchSize == 1 {
+		return int(b.waiting.Load())
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return len(b.queue)
+}
+
+// passThrough runs one request without batching in the caller's goroutine,
+// which saves the hand-offs to and from the scheduler: it waits (bounded by
+// MaxQueueSize waiters) for a free instance slot, and never calls the
+// runner once the request's deadline has passed or the caller gave up.
+func (b *Batcher) passThrough(r *request) ([]tensor.Tensor, error) {
+	if b.waiting.Add(1) > int64(b.cfg.MaxQueueSize) {
+		b.waiting.Add(-1)
+		return nil, &inferr.RetryAfter{Msg: fmt.Sprintf("queue full (%d requests)", b.cfg.MaxQueueSize), After: b.cfg.RetryAfter}
+	}
+	_, qspan := b.tracer.Start(r.ctx, "queue")
+	select {
+	case b.slots <- struct{}{}:
+	case <-r.ctx.Done():
+		b.waiting.Add(-1)
+		qspan.End()
+		if errors.Is(r.ctx.Err(), context.DeadlineExceeded) {
+			return nil, fmt.Errorf("deadline passed after %s in the queue: %w", time.Since(r.enqueued).Round(time.Microsecond), context.DeadlineExceeded)
+		}
+		return nil, r.ctx.Err()
+	case <-b.closing:
+		b.waiting.Add(-1)
+		qspan.End()
+		return nil, ErrClosed
+	}
+	b.waiting.Add(-1)
+	qspan.End()
+	defer func() { <-b.slots }()
+	select {
+	case <-b.closing:
+		return nil, ErrClosed
+	default:
+	}
+	if err := r.ctx.Err(); err != nil { // lost the race with the deadline
+		return nil, err
+	}
+	start := time.Now()
+	b.obs.Queued(start.Sub(r.enqueued))
+	ctx, span := b.tracer.Start(r.ctx, "batch", trace.WithAttributes(attribute.Int("batch.items", 1), attribute.Int("batch.requests", 1)))
+	defer span.End()
+	out, err := b.runner.Infer(ctx, r.inputs, r.outputs)
+	b.obs.Dispatched(1, time.Since(start), err)
+	return out, err
 }
 
 // Run dispatches batches until ctx ends, then fails what is queued with
 // ErrClosed and waits for running batches.
 func (b *Batcher) Run(ctx context.Context) error {
 	defer close(b.stopped)
+	if b.cfg.MaxBatchSize == 1 {
+		<-ctx.Done()
+		b.closeOne.Do(func() { close(b.closing) })
+		b.mu.Lock()
+		b.closed = true
+		b.mu.Unlock()
+		for i := 0; i < cap(b.slots); i++ { // wait for running requests
+			b.slots <- struct{}{}
+		}
+		return nil
+	}
 	defer b.wg.Wait()
 	defer b.drain()
 	for {

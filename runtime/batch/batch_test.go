@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -333,5 +334,27 @@ func TestTooManyItems(t *testing.T) {
 	_, err := b.Infer(context.Background(), []tensor.Tensor{fp32(1, 1, 2, 2, 3, 3)}, nil)
 	if !errors.Is(err, inferr.ErrInvalidInput) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestPassThroughDeadlineNeverReachesRunner(t *testing.T) {
+	t.Parallel()
+	d := &doubler{hold: make(chan struct{}), entered: make(chan struct{}, 16)}
+	b := start(t, Config{MaxBatchSize: 1, MaxQueueSize: 8, Concurrency: 1}, d)
+	first := send(b, context.Background(), fp32(1, 1))
+	<-d.entered
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if r := <-send(b, short, fp32(666, 666)); !errors.Is(r.err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want deadline exceeded", r.err)
+	}
+	close(d.hold)
+	if r := <-first; r.err != nil {
+		t.Fatal(r.err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if slices.Contains(d.seen, 666) {
+		t.Fatalf("expired request reached the runner: %v", d.seen)
 	}
 }
