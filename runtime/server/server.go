@@ -132,7 +132,7 @@ func New(cfg Config, deps Deps, logger *slog.Logger) (*Server, error) {
 		}
 	}
 	if deps.TracerProvider != nil {
-		s.tracing = &tracing{provider: deps.TracerProvider, tracer: deps.TracerProvider.Tracer("visionslice/runtime")}
+		s.tracing = &tracing{provider: deps.TracerProvider, tracer: deps.TracerProvider.Tracer("visionslice/runtime"), on: true}
 	} else if s.tracing, err = newTracing(cfg.Tracing); err != nil {
 		return nil, err
 	}
@@ -284,8 +284,11 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	var grpcSrv *grpc.Server
 	if grpcLn != nil {
-		opts := append(s.front.GRPCServerOptions(), grpc.StatsHandler(otelgrpc.NewServerHandler(
-			otelgrpc.WithTracerProvider(s.tracing.provider), otelgrpc.WithPropagators(propagation.TraceContext{}))))
+		opts := s.front.GRPCServerOptions()
+		if s.tracing.enabled() {
+			opts = append(opts, grpc.StatsHandler(otelgrpc.NewServerHandler(
+				otelgrpc.WithTracerProvider(s.tracing.provider), otelgrpc.WithPropagators(propagation.TraceContext{}))))
+		}
 		grpcSrv = grpc.NewServer(opts...)
 		s.front.Register(grpcSrv)
 		ln := grpcLn

@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
@@ -213,8 +214,9 @@ func TestServeTinyModelWithWorkers(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(b), `"data":[11,22,33,44]`) || !strings.Contains(string(b), `"model_version":"2"`) {
 		t.Fatalf("infer: %d %s", resp.StatusCode, b)
 	}
-	// gRPC.
-	g, err := r.grpc.ModelInfer(context.Background(), &pb.ModelInferRequest{ModelName: "add",
+	// gRPC, with a trace parent in the metadata.
+	gctx := metadata.AppendToOutgoingContext(context.Background(), "traceparent", "00-1bf7651916cd43dd8448eb211c80319c-a7ad6b7169203331-01")
+	g, err := r.grpc.ModelInfer(gctx, &pb.ModelInferRequest{ModelName: "add",
 		Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "a", Datatype: "FP32", Shape: []int64{2, 4}}, {Name: "b", Datatype: "FP32", Shape: []int64{2, 4}}},
 		RawInputContents: [][]byte{onnxgen.FP32("a", nil, 1, 1, 1, 1, 2, 2, 2, 2).Data, onnxgen.FP32("b", nil, 1, 2, 3, 4, 5, 6, 7, 8).Data}})
 	if err != nil {
@@ -246,6 +248,15 @@ func TestServeTinyModelWithWorkers(t *testing.T) {
 	}
 	if w, b := byName["worker.infer"], byName["batch"]; w != nil && b != nil && w.Parent().SpanID() != b.SpanContext().SpanID() {
 		t.Error("worker.infer is not a child of batch")
+	}
+	grpcSpans := map[string]bool{}
+	for _, s := range rec.Ended() {
+		if s.SpanContext().TraceID().String() == "1bf7651916cd43dd8448eb211c80319c" {
+			grpcSpans[s.Name()] = true
+		}
+	}
+	if !grpcSpans["inference.GRPCInferenceService/ModelInfer"] || !grpcSpans["worker.infer"] {
+		t.Errorf("grpc trace spans = %v", grpcSpans)
 	}
 
 	// Metrics: lint, and the counts of what happened above.

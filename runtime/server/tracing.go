@@ -19,7 +19,12 @@ type tracing struct {
 	provider trace.TracerProvider
 	tracer   trace.Tracer
 	sdk      *sdktrace.TracerProvider
+	on       bool
 }
+
+// enabled reports whether spans go anywhere; without, the gRPC stats
+// handler is left out (it costs per request even with a no-op provider).
+func (t *tracing) enabled() bool { return t.on || t.sdk != nil }
 
 func newTracing(c TracingConfig) (*tracing, error) {
 	if c.OTLPEndpoint == "" {
