@@ -86,12 +86,17 @@ func (p *Plugin) preferred(ctx context.Context, cr *pluginapi.ContainerPreferred
 	inv, _ := p.current()
 
 	must := map[string]bool{}
+	var mustList []string
 	mustGPU := ""
 	for _, s := range cr.GetMustIncludeDeviceIDs() {
 		id, err := p.known(inv, s)
 		if err != nil {
 			return nil, fmt.Errorf("must-include device: %w", err)
 		}
+		if must[s] {
+			continue
+		}
+		mustList = append(mustList, s)
 		if mustGPU != "" && id.GPU != mustGPU {
 			p.logger.Info("no preferred allocation: must-include devices span gpus", "size", size, "gpu_uuid", mustGPU, "other_gpu_uuid", id.GPU)
 			return nil, nil
@@ -102,7 +107,12 @@ func (p *Plugin) preferred(ctx context.Context, cr *pluginapi.ContainerPreferred
 
 	available := p.offered(ctx, cr.GetAvailableDeviceIDs(), must)
 	byGPU := map[string]*freeSlices{}
+	seen := map[string]bool{}
 	for _, s := range available {
+		if seen[s] {
+			continue
+		}
+		seen[s] = true
 		id, err := p.known(inv, s)
 		if err != nil {
 			continue // not ours or no longer advertised: never offer it
@@ -134,10 +144,7 @@ func (p *Plugin) preferred(ctx context.Context, cr *pluginapi.ContainerPreferred
 	}
 	pick := p.choose(ctx, fits, size)
 
-	out := make([]string, 0, size)
-	for _, s := range cr.GetMustIncludeDeviceIDs() {
-		out = append(out, s)
-	}
+	out := append(make([]string, 0, size), mustList...)
 	for _, n := range pick.indexes {
 		if len(out) == size {
 			break

@@ -171,6 +171,7 @@ func TestGetPreferredAllocation(t *testing.T) {
 		{name: "no single gpu holds the request", plugin: "binpack", available: concat(a, b, c), size: 9, want: nil},
 		{name: "unhealthy gpu is never preferred", plugin: "spread", available: concat(d, ids("GPU-b", 0, 1, 2, 3)), size: 4, want: ids("GPU-b", 0, 1, 2, 3)},
 		{name: "unknown offered ids are ignored", plugin: "binpack", available: concat([]string{"bogus", "GPU-zzz::0", "GPU-a::99"}, a), size: 1, want: ids("GPU-a", 0)},
+		{name: "repeated offered ids count once", plugin: "binpack", available: concat(ids("GPU-a", 0, 0, 0), ids("GPU-b", 1, 2)), must: ids("GPU-b", 2, 2), size: 2, want: ids("GPU-b", 2, 1)},
 		{name: "hinted gpu wins", plugin: "hint-c", available: concat(a, b, c), size: 2, want: ids("GPU-c", 0, 1)},
 		{name: "hinted gpu too full falls back to policy", plugin: "hint-c", available: concat(a, b, ids("GPU-c", 0, 1)), size: 4, want: a},
 		{name: "zero size", plugin: "binpack", available: a, size: 0, code: codes.InvalidArgument},
