@@ -120,6 +120,13 @@ func (c *assumeCache) gc(now time.Time, sampleOf func(node, gpu string) sample) 
 	}
 }
 
+// any reports whether node has assumed pods (cheap, for the filter path).
+func (c *assumeCache) any(node string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return len(c.byNode[node]) > 0
+}
+
 func (c *assumeCache) count() int {
 	c.mu.RLock()
 	defer c.mu.RUnlock()

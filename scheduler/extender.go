@@ -210,7 +210,10 @@ type nodeState struct {
 // state builds a node's GPUs from its agent's metrics and the pods assumed
 // on it, or under failOpen from the API server's view when the metrics are
 // stale or absent.
-func (e *Extender) state(node string, now time.Time) nodeState {
+//
+// buf is scratch space for the GPUs (its capacity is reused; nil is fine):
+// filter and prioritize pass one buffer for all their nodes.
+func (e *Extender) state(node string, now time.Time, buf []fit.GPU) nodeState {
 	n, ok := e.source.Get(node)
 	var reason string
 	switch {
@@ -222,20 +225,22 @@ func (e *Extender) state(node string, now time.Time) nodeState {
 			reason += ": " + n.Err.Error()
 		}
 	default:
-		if oldest := oldestSample(n.GPUs); now.Sub(oldest) > e.cfg.Staleness.TTL {
+		if oldest := n.Oldest(); now.Sub(oldest) > e.cfg.Staleness.TTL {
 			reason = fmt.Sprintf("metrics of the node's agent are stale (oldest sample %s old, ttl %s)",
 				now.Sub(oldest).Round(time.Second), e.cfg.Staleness.TTL)
 		}
 	}
 	if reason == "" {
-		gpus := make([]fit.GPU, len(n.GPUs))
-		for i, g := range n.GPUs {
-			gpus[i] = fit.GPU{UUID: g.UUID, Index: g.Index, Healthy: g.Healthy, Capacity: g.Capacity,
+		gpus := buf[:0]
+		for _, g := range n.GPUs {
+			gpus = append(gpus, fit.GPU{UUID: g.UUID, Index: g.Index, Healthy: g.Healthy, Capacity: g.Capacity,
 				Allocated: g.Allocated, SliceBytes: g.SliceBytes, UnaccountedBytes: g.UnaccountedBytes,
-				MemoryTotalBytes: g.MemoryTotalBytes, MemoryUsedBytes: g.MemoryUsedBytes, Utilization: g.Utilization}
+				MemoryTotalBytes: g.MemoryTotalBytes, MemoryUsedBytes: g.MemoryUsedBytes, Utilization: g.Utilization})
 		}
-		for _, a := range e.assumed.live(node, now, func(gpu string) sample { return sampleIn(n.GPUs, gpu) }) {
-			addAssumed(gpus, a)
+		if e.assumed.any(node) {
+			for _, a := range e.assumed.live(node, now, func(gpu string) sample { return sampleIn(n.GPUs, gpu) }) {
+				addAssumed(gpus, a)
+			}
 		}
 		return nodeState{gpus: gpus, known: true}
 	}
@@ -278,12 +283,3 @@ func sampleIn(gpus []scrape.GPU, uuid string) sample {
 	return sample{}
 }
 
-func oldestSample(gpus []scrape.GPU) time.Time {
-	oldest := gpus[0].Timestamp
-	for _, g := range gpus[1:] {
-		if g.Timestamp.Before(oldest) {
-			oldest = g.Timestamp
-		}
-	}
-	return oldest
-}

@@ -131,12 +131,15 @@ func (e *Extender) filter(_ context.Context, r *http.Request) (int, any) {
 	failed := extenderv1.FailedNodesMap{}
 	pass := make([]string, 0, len(names))
 	now := e.now()
+	var buf []fit.GPU
 	for _, name := range names {
 		if n == 0 {
 			pass = append(pass, name) // not ours to judge
 			continue
 		}
-		ok, reason := e.fits(name, n, now)
+		var ok bool
+		var reason string
+		ok, reason, buf = e.fits(name, n, now, buf)
 		if ok {
 			pass = append(pass, name)
 			continue
@@ -162,21 +165,22 @@ func (e *Extender) filter(_ context.Context, r *http.Request) (int, any) {
 	return http.StatusOK, res
 }
 
-// fits reports whether n slices fit on node now, and why not.
-func (e *Extender) fits(node string, n int, now time.Time) (bool, string) {
-	st := e.state(node, now)
+// fits reports whether n slices fit on node now, and why not. It returns
+// buf for reuse.
+func (e *Extender) fits(node string, n int, now time.Time, buf []fit.GPU) (bool, string, []fit.GPU) {
+	st := e.state(node, now, buf)
 	if !st.known {
 		if e.cfg.Staleness.Policy == FailOpen {
-			return true, ""
+			return true, "", st.gpus
 		}
 		e.metrics.filtered.WithLabelValues(reasonNoMetrics).Inc()
-		return false, st.reason
+		return false, st.reason, st.gpus
 	}
 	if _, ok, reason := fit.Place(st.gpus, n, e.cfg.Strategy, e.weights, extenderv1.MaxExtenderPriority); !ok {
 		e.metrics.filtered.WithLabelValues(reasonNoFit).Inc()
-		return false, reason
+		return false, reason, st.gpus
 	}
-	return true, ""
+	return true, "", st.gpus
 }
 
 func (e *Extender) prioritize(_ context.Context, r *http.Request) (int, any) {
@@ -187,12 +191,14 @@ func (e *Extender) prioritize(_ context.Context, r *http.Request) (int, any) {
 	n := fit.PodSlices(args.Pod)
 	now := e.now()
 	list := make(extenderv1.HostPriorityList, len(names))
+	var buf []fit.GPU
 	for i, name := range names {
 		list[i].Host = name
 		if n == 0 {
 			continue
 		}
-		st := e.state(name, now)
+		st := e.state(name, now, buf)
+		buf = st.gpus
 		if !st.known {
 			continue
 		}
@@ -262,7 +268,7 @@ func (e *Extender) Bind(ctx context.Context, args extenderv1.ExtenderBindingArgs
 	e.bindMu.Lock()
 	defer e.bindMu.Unlock()
 	now := e.now()
-	st := e.state(args.Node, now)
+	st := e.state(args.Node, now, nil)
 	if !st.known {
 		if e.cfg.Staleness.Policy == FailClosed {
 			return "", fmt.Errorf("%w: %s", ErrNoFit, st.reason)
