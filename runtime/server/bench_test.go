@@ -5,13 +5,18 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
 	"github.com/visionslice/visionslice/runtime/onnxgen"
@@ -26,9 +31,11 @@ func p50(d []time.Duration) time.Duration {
 
 // BenchmarkAddedLatency: an Identity on 4 floats served over HTTP (JSON)
 // and gRPC, alternated per iteration with a direct call on the model's
-// worker pool, so that load on the machine hits all alike. added-*-us is
-// the front end's own cost per request (protocol, validation, queue,
-// tracing, metrics) at the median; the worker's IPC is measured by the
+// worker pool and with bare HTTP and gRPC servers that answer at once, so
+// that load on the machine hits all alike. added-*-us is what the front end
+// adds to the worker call (protocol, validation, queue, tracing, metrics)
+// at the median; own-*-us is that minus the bare protocol round trip, the
+// cost of visionslice's own code. The worker's IPC is measured by the
 // supervisor's BenchmarkTinyModelRoundTrip.
 func BenchmarkAddedLatency(b *testing.B) {
 	model, err := onnxgen.Unary("Identity", tensor.FP32, []int64{onnxgen.Dynamic, 4})
@@ -59,7 +66,30 @@ func BenchmarkAddedLatency(b *testing.B) {
 		}
 		return nil
 	}
+	// The protocol floor: bare Go HTTP and gRPC servers on the same machine
+	// that answer at once (no model, no validation, no queue).
+	floorHTTP := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"model_name":"tiny","outputs":[{"name":"y","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}`))
+	}))
+	defer floorHTTP.Close()
+	floorGRPC := startEcho(b)
+	floorOnce := func() error {
+		resp, err := client.Post(floorHTTP.URL, "application/json", bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.Body.Close()
+	}
 	for i := 0; i < 20; i++ { // warm connections and the worker
+		if err := floorOnce(); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := floorGRPC.ModelInfer(ctx, greq); err != nil {
+			b.Fatal(err)
+		}
 		if err := httpOnce(); err != nil {
 			b.Fatal(err)
 		}
@@ -70,6 +100,8 @@ func BenchmarkAddedLatency(b *testing.B) {
 	direct := make([]time.Duration, 0, b.N)
 	viaHTTP := make([]time.Duration, 0, b.N)
 	viaGRPC := make([]time.Duration, 0, b.N)
+	bareHTTP := make([]time.Duration, 0, b.N)
+	bareGRPC := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
@@ -85,6 +117,16 @@ func BenchmarkAddedLatency(b *testing.B) {
 			b.Fatal(err)
 		}
 		t3 := time.Now()
+		if err := floorOnce(); err != nil {
+			b.Fatal(err)
+		}
+		t4 := time.Now()
+		if _, err := floorGRPC.ModelInfer(ctx, greq); err != nil {
+			b.Fatal(err)
+		}
+		t5 := time.Now()
+		bareHTTP = append(bareHTTP, t4.Sub(t3))
+		bareGRPC = append(bareGRPC, t5.Sub(t4))
 		direct = append(direct, t1.Sub(t0))
 		viaHTTP = append(viaHTTP, t2.Sub(t1))
 		viaGRPC = append(viaGRPC, t3.Sub(t2))
@@ -96,6 +138,39 @@ func BenchmarkAddedLatency(b *testing.B) {
 	b.ReportMetric(float64(g.Nanoseconds())/1e3, "grpc-p50-us")
 	b.ReportMetric(float64((h-d).Nanoseconds())/1e3, "added-http-p50-us")
 	b.ReportMetric(float64((g-d).Nanoseconds())/1e3, "added-grpc-p50-us")
+	fh, fg := p50(bareHTTP), p50(bareGRPC)
+	b.ReportMetric(float64(fh.Nanoseconds())/1e3, "bare-http-p50-us")
+	b.ReportMetric(float64(fg.Nanoseconds())/1e3, "bare-grpc-p50-us")
+	b.ReportMetric(float64((h-d-fh).Nanoseconds())/1e3, "own-http-p50-us")
+	b.ReportMetric(float64((g-d-fg).Nanoseconds())/1e3, "own-grpc-p50-us")
+}
+
+type echoService struct {
+	pb.UnimplementedGRPCInferenceServiceServer
+}
+
+func (echoService) ModelInfer(_ context.Context, r *pb.ModelInferRequest) (*pb.ModelInferResponse, error) {
+	return &pb.ModelInferResponse{ModelName: r.GetModelName(), Outputs: []*pb.ModelInferResponse_InferOutputTensor{{Name: "y", Datatype: "FP32", Shape: []int64{1, 4}}},
+		RawOutputContents: r.GetRawInputContents()}, nil
+}
+
+// startEcho serves a bare gRPC service on a unix socket.
+func startEcho(b *testing.B) pb.GRPCInferenceServiceClient {
+	sock := filepath.Join(b.TempDir(), "echo.sock")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	g := grpc.NewServer()
+	pb.RegisterGRPCInferenceServiceServer(g, echoService{})
+	go func() { _ = g.Serve(lis) }()
+	b.Cleanup(g.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	return pb.NewGRPCInferenceServiceClient(conn)
 }
 
 // chainModel is y = x + 1 + 1 ... (n Add nodes) on [batch, 16]: its cost

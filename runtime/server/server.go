@@ -361,16 +361,17 @@ type modelVersion struct {
 	batcher *batch.Batcher
 	loadErr error
 	loadDur time.Duration
+	life    lifeHolder // lifecycle state (lifecycle.go)
 }
 
 var _ oip.Model = (*modelVersion)(nil)
 
-func (mv *modelVersion) Metadata() *oip.ModelMetadata { return mv.md }
+func (mv *modelVersion) Metadata() *oip.ModelMetadata { return mv.withLife(mv.md) }
 
 func (mv *modelVersion) Ready() bool {
 	mv.mu.Lock()
 	defer mv.mu.Unlock()
-	return mv.batcher != nil && mv.pool.Ready()
+	return mv.batcher != nil && mv.lifeReady(mv.pool.Ready())
 }
 
 func (mv *modelVersion) poolOrNil() Pool {
@@ -386,6 +387,9 @@ func (mv *modelVersion) loadDuration() time.Duration {
 }
 
 func (mv *modelVersion) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
+	if err := mv.lifeErr(); err != nil {
+		return nil, err
+	}
 	mv.mu.Lock()
 	b, loadErr := mv.batcher, mv.loadErr
 	mv.mu.Unlock()
