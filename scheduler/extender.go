@@ -282,4 +282,3 @@ func sampleIn(gpus []scrape.GPU, uuid string) sample {
 	}
 	return sample{}
 }
-
