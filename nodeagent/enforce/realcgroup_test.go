@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -55,6 +56,7 @@ type stack struct {
 	group   cgroup.Group
 	records chan acted
 	enf     *enforce.Enforcer
+	stop    func() // stops the poller, tracker and enforcer; idempotent
 }
 
 // acted is an audit record and when the hook saw it (after the action).
@@ -146,14 +148,18 @@ func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Dura
 	for _, run := range []func(context.Context) error{poller.Run, tracker.Run, s.enf.Run} {
 		go func() { _ = run(ctx); done <- struct{}{} }()
 	}
-	tb.Cleanup(func() {
-		cancel()
-		for range 3 {
-			<-done
-		}
-		_ = client.Close()
-		reader.Shutdown()
-	})
+	var once sync.Once
+	s.stop = func() {
+		once.Do(func() {
+			cancel()
+			for range 3 {
+				<-done
+			}
+			_ = client.Close()
+			reader.Shutdown()
+		})
+	}
+	tb.Cleanup(s.stop)
 	return s
 }
 
@@ -255,6 +261,29 @@ func TestRealCgroupFreezeThawThenKillAfterGrace(t *testing.T) {
 	s.killed(t)
 	if st, err := s.group.Stats(); err != nil || st.Populated {
 		t.Fatalf("container cgroup after kill: %+v, %v", st, err)
+	}
+}
+
+// A stopping agent leaves no container frozen.
+func TestRealCgroupThawedWhenEnforcerStops(t *testing.T) {
+	pol := enforce.DefaultConfig()
+	pol.DefaultAction = enforce.ActionFreeze
+	pol.Hysteresis.OverFor = 0
+	pol.GracePeriod = time.Hour
+	pol.CheckInterval = 10 * time.Millisecond
+	s := newStack(t, pol, nil, 20*time.Millisecond)
+	s.use(t, 3*gib)
+	s.next(t, enforce.ActionFreeze)
+	if !s.frozen(t) {
+		t.Fatal("not frozen")
+	}
+	s.stop()
+	r := s.next(t, "thaw")
+	if r.Reason != "agent stopping" {
+		t.Errorf("thaw reason %q", r.Reason)
+	}
+	if s.frozen(t) {
+		t.Fatal("cgroup left frozen after the enforcer stopped")
 	}
 }
 
