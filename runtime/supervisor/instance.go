@@ -21,6 +21,7 @@ type instance struct {
 	replace  chan string   // Replace's requests
 	suspect  chan struct{} // a request lost its connection to proc
 	inflight atomic.Int64
+	hold     holdState // restart gate (hold.go)
 }
 
 // lost marks the worker behind cl as gone (a request saw its connection
@@ -91,6 +92,9 @@ func (in *instance) supervise() {
 			case <-p.ctx.Done():
 				return
 			case <-time.After(delay):
+			}
+			if !in.waitHold() {
+				return
 			}
 			p.countRestart(reason)
 			p.mu.Lock()

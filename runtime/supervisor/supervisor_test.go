@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"image"
 	"image/color"
+	"image/draw"
+	"image/jpeg"
 	"image/png"
 	"log/slog"
 	"os"
@@ -24,6 +26,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/cv"
 	"github.com/visionslice/visionslice/runtime/inferr"
 	"github.com/visionslice/visionslice/runtime/onnxgen"
+	"github.com/visionslice/visionslice/runtime/ort"
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -467,5 +470,88 @@ func TestImagesPreprocessedInWorker(t *testing.T) {
 	}
 	if r := p.Restarts(); len(r) != 0 {
 		t.Fatalf("bad images restarted workers: %v", r)
+	}
+}
+
+// TestPPOCRJPEGThroughWorker: a JPEG of text-like glyphs goes to the
+// PP-OCRv4 det worker as BYTES; the answer equals preprocessing and running
+// the model in this process.
+func TestPPOCRJPEGThroughWorker(t *testing.T) {
+	cfg := config(t)
+	modelPath := os.Getenv("VISIONSLICE_PPOCR_MODEL")
+	if modelPath == "" {
+		t.Skip("VISIONSLICE_PPOCR_MODEL is not set (run `make deps` and use `make test`)")
+	}
+	model, err := os.ReadFile(modelPath)
+	if err != nil {
+		t.Skipf("PP-OCRv4 det model: %v", err)
+	}
+	spec := &repository.Config{Version: "v1", MaxBatchSize: 4, IntraOpThreads: 2,
+		Inputs: []repository.TensorSpec{{Name: "image", Datatype: tensor.Bytes, Dims: []int64{1}, Preprocessing: &repository.Preprocessing{
+			ModelInput: "x", Resize: repository.Letterbox, Width: 640, Height: 640, Color: repository.RGB,
+			Mean: []float32{0.485, 0.456, 0.406}, Std: []float32{0.229, 0.224, 0.225}}}},
+		Outputs: []repository.TensorSpec{{Name: "sigmoid_0.tmp_0", Datatype: tensor.FP32, Dims: []int64{1, -1, -1}}}}
+	spec.SetDefaults()
+	if err := spec.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	p := start(t, cfg, supervisor.Model{Name: "ppocr/1", ModelPath: modelPath, Spec: spec}, nil, supervisor.Hooks{})
+	img := image.NewRGBA(image.Rect(0, 0, 960, 540))
+	for i := range img.Pix {
+		img.Pix[i] = 255
+	}
+	black := image.NewUniform(color.Black)
+	for y := 60; y < 480; y += 90 {
+		for x := 40; x < 880; x += 22 {
+			if (x/22)%6 == 5 {
+				continue // a space between words
+			}
+			draw.Draw(img, image.Rect(x, y, x+4, y+28), black, image.Point{}, draw.Src)
+			draw.Draw(img, image.Rect(x, y+12, x+14, y+16), black, image.Point{}, draw.Src)
+			draw.Draw(img, image.Rect(x+12, y, x+16, y+28), black, image.Point{}, draw.Src)
+		}
+	}
+	var jb bytes.Buffer
+	if err := jpeg.Encode(&jb, img, &jpeg.Options{Quality: 90}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := p.Infer(context.Background(), []tensor.Tensor{{Name: "image", Datatype: tensor.Bytes, Shape: []int64{1, 1},
+		Data: tensor.AppendBytesElement(nil, jb.Bytes())}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ort.Init(cfg.ORTLibrary); err != nil {
+		t.Fatal(err)
+	}
+	pp, err := cv.NewPreprocessor(cv.ParamsFrom(spec.Inputs[0].Preprocessing), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pp.Close()
+	x, err := pp.Batch("x", [][]byte{jb.Bytes()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ort.NewSession(model, ort.Options{IntraOpThreads: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	want, err := s.Run([]tensor.Tensor{x}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(out[0].Shape, []int64{1, 1, 640, 640}) || !bytes.Equal(out[0].Data, want[0].Data) {
+		t.Fatalf("worker answer (shape %v) differs from the in-process run", out[0].Shape)
+	}
+	var text int
+	for _, v := range onnxgen.Float32s(out[0]) {
+		if v > 0.3 {
+			text++
+		}
+	}
+	t.Logf("%d of %d pixels are text", text, 640*640)
+	if text < 5000 {
+		t.Fatal("the detector found no text")
 	}
 }
