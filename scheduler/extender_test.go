@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -495,3 +497,54 @@ func TestHealthAndMetricsEndpoints(t *testing.T) {
 }
 
 func fitStrategy(s string) fit.Strategy { return fit.Strategy(s) }
+
+// TestExtenderScrapesAgent runs the extender with its own scrape manager
+// against an agent endpoint serving the real agent's exposition.
+func TestExtenderScrapesAgent(t *testing.T) {
+	t.Parallel()
+	expo, err := os.ReadFile(filepath.Join("scrape", "testdata", "agent-sim-h100x2.prom"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+		_, _ = w.Write(expo)
+	}))
+	defer agent.Close()
+	cfg := DefaultConfig()
+	cfg.Scrape.Interval, cfg.Scrape.Timeout = 200*time.Millisecond, 200*time.Millisecond
+	cfg.Staleness.TTL = time.Minute
+	cfg.Targets.Static = map[string]string{"node-1": agent.URL + "/metrics"}
+	ext, err := New(cfg, Deps{}, discard())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ext.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r := filterNames(t, ext, slicePod("p", 80), "node-1")
+		if len(*r.NodeNames) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node never passed: %v", r.FailedNodes)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if r := filterNames(t, ext, slicePod("p", 81), "node-1"); !strings.Contains(r.FailedNodes["node-1"], "free per gpu: 80, 80") {
+		t.Fatalf("81 slices: %v", r.FailedNodes)
+	}
+	rec := httptest.NewRecorder()
+	ext.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if !strings.Contains(rec.Body.String(), `visionslice_scheduler_scrape_up{node="node-1"} 1`) {
+		t.Fatalf("scrape health not exported:\n%s", rec.Body)
+	}
+}

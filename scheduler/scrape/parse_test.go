@@ -153,3 +153,29 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// TestParseRealAgentExposition parses an exposition captured from the real
+// agent (simulated H100s, device plugin on), so a rename on either side shows.
+func TestParseRealAgentExposition(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile(filepath.Join("testdata", "agent-sim-h100x2.prom"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gpus, samples, err := Parse(bytes.NewReader(b), expfmt.NewFormat(expfmt.TypeTextPlain), scrapeTime)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if samples < 50 {
+		t.Errorf("only %d samples read", samples)
+	}
+	if len(gpus) != 2 {
+		t.Fatalf("%d gpus, want 2", len(gpus))
+	}
+	for i, g := range gpus {
+		if g.Index != i || !strings.HasPrefix(g.UUID, "GPU-") || !g.Healthy || g.Capacity != 80 || g.SliceBytes != 1<<30 ||
+			g.MemoryTotalBytes != 80<<30 || g.MemoryUsedBytes == 0 || !g.Timestamp.Equal(scrapeTime) {
+			t.Errorf("gpu %d: %+v", i, g)
+		}
+	}
+}
