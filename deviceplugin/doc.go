@@ -68,7 +68,7 @@
 // registers with the kubelet's kubelet.sock and watches socketDir with
 // fsnotify: when the kubelet restarts (kubelet.sock re-created, or the plugin
 // socket removed by the kubelet's cleanup) the plugin serves again if needed
-// and registers again at once, retrying with a backoff from 100 ms. When ctx
+// and registers again at once, retrying with a backoff from 10 ms. When ctx
 // ends, Run stops the server (ending ListAndWatch streams) and removes its
 // socket.
 //

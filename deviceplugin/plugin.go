@@ -332,7 +332,7 @@ func (p *Plugin) reserve() error {
 // registrar registers with the kubelet after every kick, retrying with a
 // short backoff until it succeeds or the next kick comes.
 func (p *Plugin) registrar(ctx context.Context, kick <-chan struct{}) {
-	const minBackoff, maxBackoff = 100 * time.Millisecond, 5 * time.Second
+	const minBackoff, maxBackoff = 10 * time.Millisecond, 5 * time.Second
 	var retry <-chan time.Time
 	backoff := minBackoff
 	for {
@@ -354,7 +354,11 @@ func (p *Plugin) registrar(ctx context.Context, kick <-chan struct{}) {
 			return
 		}
 		p.metrics.registrations.WithLabelValues("error").Inc()
-		p.logger.Warn("register with kubelet failed; retrying", "err", err, "retry_seconds", backoff.Seconds())
+		level := slog.LevelDebug
+		if backoff == minBackoff {
+			level = slog.LevelWarn // first failure since the last kick
+		}
+		p.logger.Log(ctx, level, "register with kubelet failed; retrying", "err", err, "retry_seconds", backoff.Seconds())
 		retry = time.After(backoff)
 		backoff = min(backoff*2, maxBackoff)
 	}

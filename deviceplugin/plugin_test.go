@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -647,4 +648,58 @@ func TestWaitsForKubeletFolderAndGPUs(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("Run while waiting: %v", err)
 	}
+}
+
+// TestKubeletStartsAfterPlugin: registration fails while there is no
+// kubelet and succeeds as soon as kubelet.sock appears.
+func TestKubeletStartsAfterPlugin(t *testing.T) {
+	t.Parallel()
+	dir := shortDir(t)
+	reg := prometheus.NewPedanticRegistry()
+	p, err := deviceplugin.New(deviceplugin.Config{SocketDir: dir, PodResourcesSocket: filepath.Join(dir, "none.sock")},
+		newFakeSource(dev(0, "GPU-a", 2048, 0)), reg, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	// Wait for the first failed attempt, then start the kubelet.
+	deadline := time.Now().Add(waitLimit)
+	for testutil.ToFloat64(registrations(t, reg, "error")) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no failed registration attempt without a kubelet")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	k := startKubelet(t, dir)
+	start := time.Now()
+	k.waitRegistration(t)
+	t.Logf("registered %s after kubelet.sock appeared", time.Since(start))
+}
+
+func registrations(t *testing.T, reg *prometheus.Registry, result string) prometheus.Collector {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "x"})
+	for _, mf := range mfs {
+		if mf.GetName() != "visionslice_deviceplugin_registrations_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == result {
+				g.Set(m.GetCounter().GetValue())
+			}
+		}
+	}
+	return g
 }

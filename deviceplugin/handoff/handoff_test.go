@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -172,5 +173,37 @@ func TestNewValidates(t *testing.T) {
 	}
 	if _, err := New(fake.NewClientset(), node, nil, l); err == nil {
 		t.Error("empty key accepted")
+	}
+}
+
+func TestConfig(t *testing.T) {
+	t.Parallel()
+	if err := (Config{}).Validate(); err != nil {
+		t.Errorf("disabled section: %v", err)
+	}
+	if err := (Config{Enabled: true}).Validate(); err == nil || !strings.Contains(err.Error(), "kubeAPI") || !strings.Contains(err.Error(), "assignmentKeyFile") {
+		t.Errorf("empty enabled section: %v", err)
+	}
+	dir := t.TempDir()
+	short, long := dir+"/short", dir+"/long"
+	if err := os.WriteFile(short, []byte("tiny\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(long, []byte("  0123456789abcdef0123\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadKey(short); err == nil {
+		t.Error("short key accepted")
+	}
+	if k, err := ReadKey(long); err != nil || string(k) != "0123456789abcdef0123" {
+		t.Errorf("key %q %v", k, err)
+	}
+	kc := dir + "/kubeconfig"
+	if err := os.WriteFile(kc, []byte("apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\nusers: [{name: u, user: {token: t}}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h, err := NewFromConfig(Config{Enabled: true, KubeAPI: kc, AssignmentKeyFile: long}, node, slog.New(slog.NewTextHandler(&syncBuf{}, nil)))
+	if err != nil || h == nil {
+		t.Fatalf("NewFromConfig: %v", err)
 	}
 }
