@@ -53,6 +53,10 @@ type ModelMetadata struct {
 	MaxBatchSize int              `json:"-"`
 	Inputs       []TensorMetadata `json:"inputs"`
 	Outputs      []TensorMetadata `json:"outputs"`
+	// State and StateReason come from the model lifecycle (e.g.
+	// "failed_over_quota" and why); empty while plainly serving.
+	State       string `json:"state,omitempty"`
+	StateReason string `json:"state_reason,omitempty"`
 }
 
 func invalid(format string, args ...any) error {
