@@ -27,7 +27,7 @@ func (s staticSource) Subscribe() (<-chan *gpu.Snapshot, func()) {
 
 // fuzzPlugin has GPU-a (4 slices, healthy), GPU-b (4, healthy) and GPU-c
 // (4, unhealthy), without serving anything.
-func fuzzPlugin(f *testing.F) *Plugin {
+func fuzzPlugin(tb testing.TB) *Plugin {
 	snap := &gpu.Snapshot{Devices: []gpu.Device{
 		{Index: 0, UUID: "GPU-a", NUMANode: 0, MemoryTotalBytes: 4 << 30, Healthy: true},
 		{Index: 1, UUID: "GPU-b", NUMANode: 0, MemoryTotalBytes: 4 << 30, Healthy: true},
@@ -35,7 +35,7 @@ func fuzzPlugin(f *testing.F) *Plugin {
 	}}
 	p, err := New(Config{PodResourcesSocket: "/nonexistent/pod-resources.sock"}, staticSource{snap}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
-		f.Fatal(err)
+		tb.Fatal(err)
 	}
 	p.update(snap)
 	return p
