@@ -4,7 +4,9 @@ import (
 	"image"
 	"image/color"
 	"image/draw"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/visionslice/visionslice/runtime/cv"
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -68,4 +70,42 @@ func BenchmarkPreprocess1080pTo640(b *testing.B) {
 		}
 		benchInto(b, base.Into, ppocrParams())
 	})
+}
+
+// BenchmarkPreprocessSpeedup alternates the OpenCV path and the pure-Go
+// baseline on the same 1080p JPEG, so load on the machine hits both alike,
+// and reports the ratio of their medians (the speed-up).
+func BenchmarkPreprocessSpeedup(b *testing.B) {
+	p := ppocrParams()
+	pp, err := cv.NewPreprocessor(p, 1)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pp.Close()
+	base, err := cv.NewBaseline(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	img := frame1080p(b)
+	dst := make([]byte, p.RowBytes())
+	var fast, slow []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		t0 := time.Now()
+		if err := pp.Into(dst, img); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := base.Into(dst, img); err != nil {
+			b.Fatal(err)
+		}
+		fast, slow = append(fast, t1.Sub(t0)), append(slow, time.Since(t1))
+	}
+	b.StopTimer()
+	slices.Sort(fast)
+	slices.Sort(slow)
+	f, s := fast[len(fast)/2], slow[len(slow)/2]
+	b.ReportMetric(float64(f.Microseconds())/1e3, "gocv-p50-ms")
+	b.ReportMetric(float64(s.Microseconds())/1e3, "pure-go-p50-ms")
+	b.ReportMetric(float64(s)/float64(f), "speedup")
 }

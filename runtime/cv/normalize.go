@@ -2,6 +2,8 @@ package cv
 
 import (
 	"math"
+	"runtime"
+	"sync"
 	"unsafe"
 
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -66,40 +68,86 @@ func writeAs[T any](out []T, lut *[3][256]T, pad [3]T, p Params, src source) {
 	W, H := p.Width, p.Height
 	g := src.g
 	padded := g.w != W || g.h != H
-	c0, c1, c2 := src.chans[0], src.chans[1], src.chans[2]
-	l0, l1, l2 := &lut[0], &lut[1], &lut[2]
-	if p.NHWC {
-		if padded {
-			for i := 0; i < W*H; i++ {
-				out[3*i], out[3*i+1], out[3*i+2] = pad[0], pad[1], pad[2]
-			}
+	if padded {
+		fillPad(out, pad, W*H, p.NHWC)
+	}
+	// Rows are independent: large images are split across goroutines.
+	parts := 1
+	if g.w*g.h >= 1<<16 {
+		parts = min(runtime.GOMAXPROCS(0), 4)
+	}
+	if parts == 1 {
+		writeRows(out, lut, p, src, 0, g.h)
+		return
+	}
+	var wg sync.WaitGroup
+	step := (g.h + parts - 1) / parts
+	for y0 := 0; y0 < g.h; y0 += step {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			writeRows(out, lut, p, src, y0, min(y0+step, g.h))
+		}()
+	}
+	wg.Wait()
+}
+
+func fillPad[T any](out []T, pad [3]T, plane int, nhwc bool) {
+	if nhwc {
+		for i := 0; i < plane; i++ {
+			out[3*i], out[3*i+1], out[3*i+2] = pad[0], pad[1], pad[2]
 		}
-		for y := 0; y < g.h; y++ {
-			row := src.pix[y*src.stride : y*src.stride+g.w*src.bpp]
+		return
+	}
+	for c := 0; c < 3; c++ {
+		o := out[c*plane : (c+1)*plane]
+		for i := range o {
+			o[i] = pad[c]
+		}
+	}
+}
+
+// writeRows converts rows y0..y1 of the source. The tables are reordered
+// by source byte, so the inner loop reads a pixel's bytes at fixed offsets.
+func writeRows[T any](out []T, lut *[3][256]T, p Params, src source, y0, y1 int) {
+	W, H := p.Width, p.Height
+	g := src.g
+	// For source byte k: the output channel it feeds.
+	var ch [3]int
+	for j, k := range src.chans {
+		ch[k] = j
+	}
+	l0, l1, l2 := &lut[ch[0]], &lut[ch[1]], &lut[ch[2]]
+	bpp := src.bpp
+	if p.NHWC {
+		for y := y0; y < y1; y++ {
+			row := src.pix[y*src.stride : y*src.stride+g.w*bpp]
 			o := out[3*((g.y0+y)*W+g.x0) : 3*((g.y0+y)*W+g.x0+g.w)]
-			for x, s := 0, 0; x < g.w; x, s = x+1, s+src.bpp {
-				o[3*x] = l0[row[s+c0]]
-				o[3*x+1] = l1[row[s+c1]]
-				o[3*x+2] = l2[row[s+c2]]
+			for x := 0; x < g.w; x++ {
+				px := row[x*bpp : x*bpp+3 : x*bpp+3]
+				q := o[3*x : 3*x+3 : 3*x+3]
+				q[ch[0]], q[ch[1]], q[ch[2]] = l0[px[0]], l1[px[1]], l2[px[2]]
 			}
 		}
 		return
 	}
 	plane := W * H
-	p0, p1, p2 := out[:plane], out[plane:2*plane], out[2*plane:3*plane]
-	if padded {
-		for i := 0; i < plane; i++ {
-			p0[i], p1[i], p2[i] = pad[0], pad[1], pad[2]
-		}
-	}
-	for y := 0; y < g.h; y++ {
-		row := src.pix[y*src.stride : y*src.stride+g.w*src.bpp]
+	for y := y0; y < y1; y++ {
+		row := src.pix[y*src.stride : y*src.stride+g.w*bpp]
 		o := (g.y0+y)*W + g.x0
-		q0, q1, q2 := p0[o:o+g.w], p1[o:o+g.w], p2[o:o+g.w]
-		for x, s := 0, 0; x < g.w; x, s = x+1, s+src.bpp {
-			q0[x] = l0[row[s+c0]]
-			q1[x] = l1[row[s+c1]]
-			q2[x] = l2[row[s+c2]]
+		q0 := out[ch[0]*plane+o : ch[0]*plane+o+g.w]
+		q1 := out[ch[1]*plane+o : ch[1]*plane+o+g.w]
+		q2 := out[ch[2]*plane+o : ch[2]*plane+o+g.w]
+		if bpp == 3 {
+			for x := range q0 {
+				px := row[3*x : 3*x+3 : 3*x+3]
+				q0[x], q1[x], q2[x] = l0[px[0]], l1[px[1]], l2[px[2]]
+			}
+			continue
+		}
+		for x := range q0 {
+			px := row[x*bpp : x*bpp+3 : x*bpp+3]
+			q0[x], q1[x], q2[x] = l0[px[0]], l1[px[1]], l2[px[2]]
 		}
 	}
 }
