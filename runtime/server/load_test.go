@@ -1,0 +1,170 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/visionslice/visionslice/nodeagent/gpu"
+	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
+	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
+	"github.com/visionslice/visionslice/runtime/onnxgen"
+	"github.com/visionslice/visionslice/runtime/tensor"
+)
+
+// TestGPUMemoryPerModelWorker: the simulated GPUs report memory for the
+// workers' PIDs; the metric sums it per model version and GPU.
+func TestGPUMemoryPerModelWorker(t *testing.T) {
+	gpus, err := sim.New("h100x2", t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader := gpu.NewReader(gpus.Interface(), testLogger(t))
+	if err := reader.Init(); err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Shutdown()
+	poller := gpu.NewPoller(reader, 20*time.Millisecond, testLogger(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go poller.Run(ctx)
+
+	r := startServer(t, tinyRepo(t, strings.Replace(addConfig, "intra_op_threads: 1", "intra_op_threads: 1\ninstances: 2", 1)), Deps{GPUs: poller})
+	pids := r.srv.lookup("add", "").poolOrNil().PIDs()
+	if len(pids) != 2 {
+		t.Fatalf("PIDs %v", pids)
+	}
+	if err := gpus.SetProcess(1, uint32(pids[0]), 300<<20, gpu.ProcessCompute); err != nil {
+		t.Fatal(err)
+	}
+	if err := gpus.SetProcess(1, uint32(pids[1]), 200<<20, gpu.ProcessCompute); err != nil {
+		t.Fatal(err)
+	}
+	if err := gpus.SetProcess(0, 999999, 1<<30, gpu.ProcessCompute); err != nil { // not ours
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf(`
+# HELP visionslice_model_worker_gpu_memory_used_bytes GPU memory used by a model version's worker processes, per GPU, in bytes.
+# TYPE visionslice_model_worker_gpu_memory_used_bytes gauge
+visionslice_model_worker_gpu_memory_used_bytes{gpu_uuid=%q,model="add",version="2"} %d
+`, gpus.UUID(1), 500<<20)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := testutil.GatherAndCompare(r.reg, strings.NewReader(want), MetricWorkerGPUMemory)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestQueueFullAndDeadlines: a slow model, one instance, a queue of two:
+// a burst gets 503 + Retry-After over HTTP and Unavailable over gRPC for
+// what does not fit, every other request succeeds, and a request whose
+// deadline passes in the queue gets 504 / DeadlineExceeded.
+func TestQueueFullAndDeadlines(t *testing.T) {
+	// 40 chained Adds over 256k floats: tens of milliseconds per call.
+	n := 40
+	one := onnxgen.FP32("one", []int64{1}, 1)
+	g := onnxgen.Graph{Name: "slow",
+		Inputs:       []onnxgen.Value{{Name: "x", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 262144}}},
+		Outputs:      []onnxgen.Value{{Name: "y", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 262144}}},
+		Initializers: []onnxgen.Initializer{{Name: "one", Datatype: tensor.FP32, Dims: []int64{1}, Raw: one.Data}},
+	}
+	prev := "x"
+	for i := 0; i < n; i++ {
+		out := fmt.Sprintf("t%d", i)
+		if i == n-1 {
+			out = "y"
+		}
+		g.Nodes = append(g.Nodes, onnxgen.Node{Op: "Add", Inputs: []string{prev, "one"}, Outputs: []string{out}})
+		prev = out
+	}
+	model, err := (&onnxgen.Model{Graph: g}).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	writeFile(t, filepath.Join(root, "slow", "config.yaml"), []byte(`version: v1
+max_batch_size: 1
+intra_op_threads: 1
+inputs: [{name: x, datatype: FP32, dims: [262144]}]
+outputs: [{name: y, datatype: FP32, dims: [262144]}]
+dynamic_batching: {max_queue_size: 2}
+`))
+	writeFile(t, filepath.Join(root, "slow", "1", "model.onnx"), model)
+	r := startServer(t, root, Deps{})
+	x := make([]byte, 4*262144)
+	req := &pb.ModelInferRequest{ModelName: "slow", Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 262144}}},
+		RawInputContents: [][]byte{x}}
+
+	var mu sync.Mutex
+	got := map[string]int{}
+	var wg sync.WaitGroup
+	for i := 0; i < 12; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := r.grpc.ModelInfer(context.Background(), req)
+			mu.Lock()
+			defer mu.Unlock()
+			got["grpc "+status.Code(err).String()]++
+		}()
+	}
+	for i := 0; i < 6; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			hdr := "{\"inputs\":[{\"name\":\"x\",\"shape\":[1,262144],\"datatype\":\"FP32\",\"parameters\":{\"binary_data_size\":1048576}}]," +
+				"\"outputs\":[{\"name\":\"y\",\"parameters\":{\"binary_data\":true}}]}"
+			resp, _ := post(t, r.http+"/v2/models/slow/infer", "application/octet-stream", append([]byte(hdr), x...),
+				"Inference-Header-Content-Length", fmt.Sprint(len(hdr)))
+			mu.Lock()
+			defer mu.Unlock()
+			key := fmt.Sprintf("http %d", resp.StatusCode)
+			if resp.StatusCode == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "" {
+				key += " without Retry-After"
+			}
+			got[key]++
+		}()
+	}
+	wg.Wait()
+	t.Logf("burst of 18 on a queue of 2: %v", got)
+	if got["grpc Unavailable"] == 0 || got["http 503"] == 0 || got["http 200"]+got["grpc OK"] < 3 {
+		t.Fatalf("results %v: want some served and some rejected with 503 / Unavailable", got)
+	}
+	for k := range got {
+		if k != "grpc OK" && k != "grpc Unavailable" && k != "http 200" && k != "http 503" {
+			t.Fatalf("unexpected result %q", k)
+		}
+	}
+
+	// A deadline shorter than the work ahead of it in the queue.
+	hold := make(chan struct{})
+	go func() { // keep the instance busy
+		defer close(hold)
+		_, _ = r.grpc.ModelInfer(context.Background(), req)
+	}()
+	time.Sleep(5 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Millisecond)
+	defer cancel()
+	if _, err := r.grpc.ModelInfer(ctx, req); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("short deadline: %v", err)
+	}
+	<-hold
+	if n := testutil.ToFloat64(r.srv.metrics.requests.WithLabelValues("slow", "1", "unavailable")); n != float64(got["grpc Unavailable"]+got["http 503"]) {
+		t.Errorf("unavailable count %v, rejected %d", n, got["grpc Unavailable"]+got["http 503"])
+	}
+}
