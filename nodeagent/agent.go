@@ -24,6 +24,7 @@ import (
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 
 	"github.com/visionslice/visionslice/deviceplugin"
+	"github.com/visionslice/visionslice/deviceplugin/handoff"
 	"github.com/visionslice/visionslice/nodeagent/accounting"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
@@ -165,7 +166,16 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 	}
 
 	if cfg.DevicePlugin.Enabled {
-		dp, err := deviceplugin.New(cfg.DevicePlugin, a.poller, a.reg, logger)
+		var dpOpts []deviceplugin.Option
+		if cfg.Handoff.Enabled {
+			h, err := handoff.NewFromConfig(cfg.Handoff, cfg.NodeName, logger.With("component", "handoff"))
+			if err != nil {
+				return nil, fmt.Errorf("handoff: %w", err)
+			}
+			a.add("handoff", h.Run)
+			dpOpts = append(dpOpts, deviceplugin.WithHinter(h))
+		}
+		dp, err := deviceplugin.New(cfg.DevicePlugin, a.poller, a.reg, logger, dpOpts...)
 		if err != nil {
 			return nil, fmt.Errorf("device plugin: %w", err)
 		}

@@ -14,6 +14,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/visionslice/visionslice/deviceplugin"
+	"github.com/visionslice/visionslice/deviceplugin/handoff"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 	"github.com/visionslice/visionslice/runtime/server"
@@ -47,6 +48,10 @@ type Config struct {
 	// DevicePlugin is the kubelet device plugin of visionslice.io/gpu-slice
 	// (restart required).
 	DevicePlugin deviceplugin.Config `yaml:"devicePlugin"`
+
+	// Handoff makes the device plugin honour the GPU the scheduler extender
+	// chose, from its signed record on the pod (restart required).
+	Handoff handoff.Config `yaml:"handoff"`
 
 	// Runtime is the co-hosted inference runtime: model repository, worker
 	// processes, Open Inference Protocol on HTTP and gRPC (restart required).
@@ -143,6 +148,9 @@ func (c Config) Validate() error {
 		if err := c.DevicePlugin.WithDefaults().Validate(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := c.Handoff.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := c.Runtime.Validate(); err != nil {
 		errs = append(errs, err)
