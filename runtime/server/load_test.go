@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -166,5 +167,47 @@ dynamic_batching: {max_queue_size: 2}
 	<-hold
 	if n := testutil.ToFloat64(r.srv.metrics.requests.WithLabelValues("slow", "1", "unavailable")); n != float64(got["grpc Unavailable"]+got["http 503"]) {
 		t.Errorf("unavailable count %v, rejected %d", n, got["grpc Unavailable"]+got["http 503"])
+	}
+}
+
+// TestWorkerRestartCounted: a killed worker is restarted by the supervisor,
+// requests keep being served, and the restart shows in the metrics with its
+// reason.
+func TestWorkerRestartCounted(t *testing.T) {
+	r := startServer(t, tinyRepo(t, addConfig), Deps{})
+	pool := r.srv.lookup("add", "").poolOrNil()
+	pids := pool.PIDs()
+	if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	req := &pb.ModelInferRequest{ModelName: "add",
+		Inputs:           []*pb.ModelInferRequest_InferInputTensor{{Name: "a", Datatype: "FP32", Shape: []int64{1, 4}}, {Name: "b", Datatype: "FP32", Shape: []int64{1, 4}}},
+		RawInputContents: [][]byte{make([]byte, 16), make([]byte, 16)}}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := r.grpc.ModelInfer(ctx, req); err != nil {
+		t.Fatalf("request after the kill: %v", err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		c, _ := testutil.GatherAndCount(r.reg, MetricWorkerRestarts)
+		if c == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("restart not counted (%d series)", c)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	want := `
+# HELP visionslice_model_worker_restarts_total Model worker restarts, by the reason the previous worker ended (exited, killed, health, start_failed, replaced).
+# TYPE visionslice_model_worker_restarts_total counter
+visionslice_model_worker_restarts_total{model="add",reason="killed",version="2"} 1
+`
+	if err := testutil.GatherAndCompare(r.reg, strings.NewReader(want), MetricWorkerRestarts); err != nil {
+		t.Fatal(err)
+	}
+	if problems, err := testutil.CollectAndLint(r.reg); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", problems, err)
 	}
 }

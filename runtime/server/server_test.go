@@ -311,3 +311,28 @@ func TestConfigValidate(t *testing.T) {
 		t.Error("New accepted an invalid config")
 	}
 }
+
+func TestOTLPTracingStartsWithoutCollector(t *testing.T) {
+	t.Parallel()
+	tr, err := newTracing(TracingConfig{OTLPEndpoint: "127.0.0.1:1", Insecure: true, SampleRatio: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !tr.enabled() {
+		t.Fatal("tracing with an endpoint is not enabled")
+	}
+	_, span := tr.tracer.Start(context.Background(), "x")
+	if !span.SpanContext().IsSampled() {
+		t.Error("span not sampled")
+	}
+	span.End()
+	start := time.Now()
+	tr.shutdown(testLogger(t))
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("shutdown took %s", d)
+	}
+	off, _ := newTracing(TracingConfig{})
+	if off.enabled() {
+		t.Error("tracing without an endpoint is enabled")
+	}
+}
