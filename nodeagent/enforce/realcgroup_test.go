@@ -57,6 +57,7 @@ type stack struct {
 	records chan acted
 	enf     *enforce.Enforcer
 	stop    func() // stops the poller, tracker and enforcer; idempotent
+	tracker *accounting.Tracker
 }
 
 // acted is an audit record and when the hook saw it (after the action).
@@ -65,9 +66,30 @@ type acted struct {
 	at time.Time
 }
 
+// newStack runs a sleep as the container on one simulated H100.
 func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Duration) *stack {
 	tb.Helper()
 	m := cgrouptest.Manager(tb) // skips where cgroup v2 is not writable
+	logger := slog.New(slog.NewJSONHandler(io.Discard, nil))
+	gpus, err := sim.New("h100x1", tb.Name())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	reader := gpu.NewReader(gpus.Interface(), logger)
+	if err := reader.Init(); err != nil {
+		tb.Fatal(err)
+	}
+	s := buildStack(tb, m, pol, ann, poll, reader, gpus.UUID(0), exec.Command("sleep", "600"))
+	s.gpus = gpus
+	return s
+}
+
+// buildStack places cmd in a kubelet-like container cgroup, starts it and
+// the enforcement path over reader, with two slices of 1 GiB on gpuUUID.
+// It owns reader from here on.
+func buildStack(tb testing.TB, m *cgroup.Manager, pol enforce.Config, ann annotations, poll time.Duration,
+	reader *gpu.Reader, gpuUUID string, cmd *exec.Cmd) *stack {
+	tb.Helper()
 	logger := slog.New(slog.NewJSONHandler(io.Discard, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 
@@ -83,7 +105,6 @@ func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Dura
 	if err != nil {
 		tb.Fatal(err)
 	}
-	cmd := exec.Command("sleep", "600")
 	if err := cmd.Start(); err != nil {
 		tb.Fatal(err)
 	}
@@ -101,14 +122,6 @@ func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Dura
 		tb.Fatalf("real /proc/%d/cgroup parsed to %+v, %v", cmd.Process.Pid, c, err)
 	}
 
-	gpus, err := sim.New("h100x1", tb.Name())
-	if err != nil {
-		tb.Fatal(err)
-	}
-	reader := gpu.NewReader(gpus.Interface(), logger)
-	if err := reader.Init(); err != nil {
-		tb.Fatal(err)
-	}
 	poller := gpu.NewPoller(reader, poll, logger)
 
 	logs := tb.TempDir()
@@ -122,7 +135,7 @@ func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Dura
 	}
 	srv := podresourcestest.New(tb)
 	srv.SetContainers([]podresources.ContainerDevices{{Namespace: ns, Pod: pod, Container: ctr, ResourceName: slice.ResourceName,
-		DeviceIDs: []string{slice.ID{GPU: gpus.UUID(0), Index: 0}.String(), slice.ID{GPU: gpus.UUID(0), Index: 1}.String()}}})
+		DeviceIDs: []string{slice.ID{GPU: gpuUUID, Index: 0}.String(), slice.ID{GPU: gpuUUID, Index: 1}.String()}}})
 	client, err := podresources.Dial(ctx, srv.Socket())
 	if err != nil {
 		tb.Fatal(err)
@@ -134,7 +147,7 @@ func newStack(tb testing.TB, pol enforce.Config, ann annotations, poll time.Dura
 		tb.Fatal(err)
 	}
 
-	s := &stack{gpus: gpus, pid: cmd.Process.Pid, exited: exited, group: g, records: make(chan acted, 64)}
+	s := &stack{pid: cmd.Process.Pid, exited: exited, group: g, records: make(chan acted, 64), tracker: tracker}
 	var pods enforce.PodAnnotations
 	if ann != nil {
 		pods = ann
