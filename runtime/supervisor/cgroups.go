@@ -49,4 +49,7 @@ func (g *cgroupGroups) Create(name string) (Group, error) {
 	return g.m.Create(name, g.limits)
 }
 
-var _ Group = cgroup.Group(nil)
+var (
+	_ Group  = cgroup.Group(nil)
+	_ Groups = (*cgroupGroups)(nil)
+)
