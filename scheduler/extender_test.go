@@ -548,3 +548,36 @@ func TestExtenderScrapesAgent(t *testing.T) {
 		t.Fatalf("scrape health not exported:\n%s", rec.Body)
 	}
 }
+
+// FuzzVerbs feeds arbitrary bodies to every verb: each answer must be JSON
+// with a 200, 400 or 413, never a panic.
+func FuzzVerbs(f *testing.F) {
+	names := []string{"n1", "ghost"}
+	good, _ := json.Marshal(extenderv1.ExtenderArgs{Pod: slicePod("p", 2), NodeNames: &names})
+	f.Add("/filter", good)
+	f.Add("/prioritize", good)
+	f.Add("/bind", []byte(`{"podName":"p","podNamespace":"d","podUID":"u","node":"n1"}`))
+	f.Add("/filter", []byte(`{"pod":{"spec":{"containers":[{"resources":{"limits":{"visionslice.io/gpu-slice":"-3"}}}]}},"nodes":{"items":[{}]}}`))
+	src := &memSource{}
+	src.set("n1", sgpu(0, 8, 3, time.Now()))
+	cfg := DefaultConfig()
+	cfg.MaxRequestBytes = 1 << 16
+	ext, err := New(cfg, Deps{Source: src}, discard())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, path string, body []byte) {
+		switch path {
+		case "/filter", "/prioritize", "/bind":
+		default:
+			return
+		}
+		code, out := post(t, ext, path, body)
+		if code != 200 && code != 400 && code != 413 {
+			t.Fatalf("%s: http %d", path, code)
+		}
+		if !json.Valid(out) {
+			t.Fatalf("%s: answer is not JSON: %s", path, out)
+		}
+	})
+}

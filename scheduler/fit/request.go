@@ -27,12 +27,15 @@ func PodSlices(pod *v1.Pod) int {
 	return sum
 }
 
+// containerSlices is a container's slice limit (its request when no limit
+// is set); a negative quantity, which the API server never admits, counts 0.
 func containerSlices(c *v1.Container) int {
-	if q, ok := c.Resources.Limits[slice.ResourceName]; ok {
-		return int(q.Value())
+	q, ok := c.Resources.Limits[slice.ResourceName]
+	if !ok {
+		q, ok = c.Resources.Requests[slice.ResourceName]
 	}
-	if q, ok := c.Resources.Requests[slice.ResourceName]; ok {
-		return int(q.Value())
+	if !ok || q.Sign() < 0 {
+		return 0
 	}
-	return 0
+	return int(q.Value())
 }
