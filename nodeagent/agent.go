@@ -29,6 +29,7 @@ import (
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
+	"github.com/visionslice/visionslice/runtime/lifecycle"
 	"github.com/visionslice/visionslice/runtime/server"
 )
 
@@ -192,6 +193,17 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			return nil, fmt.Errorf("runtime: %w", err)
 		}
 		a.add("runtime", rt.Run)
+		if cfg.Lifecycle.Enabled {
+			lc := cfg.Lifecycle
+			if lc.SliceBytes == 0 && cfg.DevicePlugin.Enabled {
+				lc.SliceBytes = uint64(cfg.DevicePlugin.WithDefaults().SliceMiB) << 20
+			}
+			life, err := lifecycle.New(lc, rt, a.poller, a.reg, logger.With("component", "lifecycle"))
+			if err != nil {
+				return nil, fmt.Errorf("lifecycle: %w", err)
+			}
+			a.add("lifecycle", life.Run)
+		}
 	}
 
 	a.mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn)}))

@@ -17,6 +17,7 @@ import (
 	"github.com/visionslice/visionslice/deviceplugin/handoff"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
+	"github.com/visionslice/visionslice/runtime/lifecycle"
 	"github.com/visionslice/visionslice/runtime/server"
 )
 
@@ -56,6 +57,10 @@ type Config struct {
 	// Runtime is the co-hosted inference runtime: model repository, worker
 	// processes, Open Inference Protocol on HTTP and gRPC (restart required).
 	Runtime server.Config `yaml:"runtime"`
+
+	// Lifecycle replaces model workers that overrun their GPU memory quota
+	// and parks models that keep overrunning (needs the runtime).
+	Lifecycle lifecycle.Config `yaml:"lifecycle"`
 }
 
 // GPUConfig configures the GPU seam.
@@ -154,6 +159,13 @@ func (c Config) Validate() error {
 	}
 	if err := c.Runtime.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.Lifecycle.Enabled {
+		l := c.Lifecycle
+		l.SetDefaults()
+		if err := l.Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,36 @@
+// Package workertest builds visionslice-worker once per test binary, for
+// tests that run real model workers (ONNX Runtime from make deps).
+package workertest
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+)
+
+// ORTEnv names the ONNX Runtime library the Makefile exports for tests.
+const ORTEnv = "VISIONSLICE_ORT_LIB"
+
+// Main builds the worker into a temporary directory, sets *bin to its
+// path and runs the tests; without ONNX Runtime (ORTEnv unset) *bin stays
+// "" and tests that need workers skip.
+func Main(m *testing.M, pkg string, bin *string) int {
+	if os.Getenv(ORTEnv) == "" {
+		fmt.Printf("%s tests with workers skip: %s is not set\n", pkg, ORTEnv)
+		return m.Run()
+	}
+	dir, err := os.MkdirTemp("", "vs-worker-bin-")
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	*bin = filepath.Join(dir, "visionslice-worker")
+	if out, err := exec.Command("go", "build", "-o", *bin, "github.com/visionslice/visionslice/cmd/visionslice-worker").CombinedOutput(); err != nil {
+		fmt.Printf("build worker: %v\n%s", err, out)
+		return 1
+	}
+	return m.Run()
+}
