@@ -173,14 +173,15 @@ func startEcho(b *testing.B) pb.GRPCInferenceServiceClient {
 	return pb.NewGRPCInferenceServiceClient(conn)
 }
 
-// chainModel is y = x + 1 + 1 ... (n Add nodes) on [batch, 16]: its cost
-// is per call (one kernel launch per node, as small models on a GPU), not
-// per item, which is the case dynamic batching is for.
-func chainModel(b testing.TB, n int) []byte {
+// chainModel is y = x + 1 + 1 ... (n Add nodes) on [batch, width]. With a
+// small width its cost is per call (one kernel launch per node, as small
+// models on a GPU), not per item, which is the case dynamic batching is
+// for; with a large one it is slow.
+func chainModel(b testing.TB, n int, width int64) []byte {
 	one := onnxgen.FP32("one", []int64{1}, 1)
 	g := onnxgen.Graph{Name: "chain",
-		Inputs:       []onnxgen.Value{{Name: "x", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 16}}},
-		Outputs:      []onnxgen.Value{{Name: "y", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 16}}},
+		Inputs:       []onnxgen.Value{{Name: "x", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, width}}},
+		Outputs:      []onnxgen.Value{{Name: "y", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, width}}},
 		Initializers: []onnxgen.Initializer{{Name: "one", Datatype: tensor.FP32, Dims: []int64{1}, Raw: one.Data}},
 	}
 	prev := "x"
@@ -204,7 +205,7 @@ func chainModel(b testing.TB, n int) []byte {
 // per-call-cost model served twice, without and with dynamic batching (one
 // instance each); reports both throughputs and their ratio.
 func BenchmarkDynamicBatchingGain(b *testing.B) {
-	model := chainModel(b, 200)
+	model := chainModel(b, 200, 16)
 	root := b.TempDir()
 	base := "version: v1\nmax_batch_size: 8\nintra_op_threads: 1\ninputs: [{name: x, datatype: FP32, dims: [16]}]\noutputs: [{name: y, datatype: FP32, dims: [16]}]\n"
 	writeFile(b, filepath.Join(root, "plain", "config.yaml"), []byte(base))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -11,15 +12,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
-	"github.com/visionslice/visionslice/runtime/onnxgen"
-	"github.com/visionslice/visionslice/runtime/tensor"
 )
 
 // TestGPUMemoryPerModelWorker: the simulated GPUs report memory for the
@@ -71,42 +72,28 @@ visionslice_model_worker_gpu_memory_used_bytes{gpu_uuid=%q,model="add",version="
 	}
 }
 
-// TestQueueFullAndDeadlines: a slow model, one instance, a queue of two:
-// a burst gets 503 + Retry-After over HTTP and Unavailable over gRPC for
-// what does not fit, every other request succeeds, and a request whose
-// deadline passes in the queue gets 504 / DeadlineExceeded.
-func TestQueueFullAndDeadlines(t *testing.T) {
-	// 40 chained Adds over 256k floats: tens of milliseconds per call.
-	n := 40
-	one := onnxgen.FP32("one", []int64{1}, 1)
-	g := onnxgen.Graph{Name: "slow",
-		Inputs:       []onnxgen.Value{{Name: "x", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 262144}}},
-		Outputs:      []onnxgen.Value{{Name: "y", Datatype: tensor.FP32, Shape: []int64{onnxgen.Dynamic, 262144}}},
-		Initializers: []onnxgen.Initializer{{Name: "one", Datatype: tensor.FP32, Dims: []int64{1}, Raw: one.Data}},
-	}
-	prev := "x"
-	for i := 0; i < n; i++ {
-		out := fmt.Sprintf("t%d", i)
-		if i == n-1 {
-			out = "y"
-		}
-		g.Nodes = append(g.Nodes, onnxgen.Node{Op: "Add", Inputs: []string{prev, "one"}, Outputs: []string{out}})
-		prev = out
-	}
-	model, err := (&onnxgen.Model{Graph: g}).Marshal()
-	if err != nil {
-		t.Fatal(err)
-	}
+// slowRepo lays out "slow": n chained Adds over 256k floats (milliseconds
+// per call), one instance, extra appended to its config.
+func slowRepo(t testing.TB, n int, extra string) string {
+	t.Helper()
+	model := chainModel(t, n, 262144)
 	root := t.TempDir()
 	writeFile(t, filepath.Join(root, "slow", "config.yaml"), []byte(`version: v1
 max_batch_size: 1
 intra_op_threads: 1
 inputs: [{name: x, datatype: FP32, dims: [262144]}]
 outputs: [{name: y, datatype: FP32, dims: [262144]}]
-dynamic_batching: {max_queue_size: 2}
-`))
+`+extra))
 	writeFile(t, filepath.Join(root, "slow", "1", "model.onnx"), model)
-	r := startServer(t, root, Deps{})
+	return root
+}
+
+// TestQueueFullAndDeadlines: a slow model, one instance, a queue of two:
+// a burst gets 503 + Retry-After over HTTP and Unavailable over gRPC for
+// what does not fit, every other request succeeds, and a request whose
+// deadline passes in the queue gets 504 / DeadlineExceeded.
+func TestQueueFullAndDeadlines(t *testing.T) {
+	r := startServer(t, slowRepo(t, 40, "dynamic_batching: {max_queue_size: 2}\n"), Deps{})
 	x := make([]byte, 4*262144)
 	req := &pb.ModelInferRequest{ModelName: "slow", Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 262144}}},
 		RawInputContents: [][]byte{x}}
@@ -209,5 +196,43 @@ visionslice_model_worker_restarts_total{model="add",reason="killed",version="2"}
 	}
 	if problems, err := testutil.CollectAndLint(r.reg); err != nil || len(problems) > 0 {
 		t.Fatalf("lint: %v %v", problems, err)
+	}
+}
+
+// TestShutdownDrainsAndCleansUp: a request in flight when the runtime is
+// told to stop still gets its answer; then no worker process and no socket
+// are left.
+func TestShutdownDrainsAndCleansUp(t *testing.T) {
+	r := startServer(t, slowRepo(t, 60, ""), Deps{})
+	pids := r.srv.lookup("slow", "").poolOrNil().PIDs()
+	req := &pb.ModelInferRequest{ModelName: "slow", Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 262144}}},
+		RawInputContents: [][]byte{make([]byte, 4*262144)}}
+	res := make(chan error, 1)
+	go func() {
+		_, err := r.grpc.ModelInfer(context.Background(), req)
+		res <- err
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	queued := func() uint64 {
+		var m dto.Metric
+		_ = r.srv.metrics.queue.WithLabelValues("slow", "1").(prometheus.Metric).Write(&m)
+		return m.GetHistogram().GetSampleCount()
+	}
+	for queued() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond) // until the request reached the worker
+	}
+	if err := r.stop(); err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if err := <-res; err != nil {
+		t.Fatalf("request in flight at shutdown: %v", err)
+	}
+	for _, pid := range pids {
+		if syscall.Kill(pid, 0) == nil {
+			t.Errorf("worker %d still runs after shutdown", pid)
+		}
+	}
+	if _, err := os.Stat(r.srv.GRPCAddr()); !os.IsNotExist(err) {
+		t.Errorf("grpc socket left: %v", err)
 	}
 }

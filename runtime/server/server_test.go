@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -118,6 +119,8 @@ type running struct {
 	reg  *prometheus.Registry
 	http string
 	grpc pb.GRPCInferenceServiceClient
+	// stop ends Run and returns its error (once; later calls return nil).
+	stop func() error
 }
 
 func startServer(t testing.TB, repo string, deps Deps) *running {
@@ -137,9 +140,16 @@ func startServer(t testing.TB, repo string, deps Deps) *running {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
+	var once sync.Once
+	stop := func() (err error) {
+		once.Do(func() {
+			cancel()
+			err = <-done
+		})
+		return err
+	}
 	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
+		if err := stop(); err != nil {
 			t.Errorf("Run: %v", err)
 		}
 	})
@@ -154,7 +164,7 @@ func startServer(t testing.TB, repo string, deps Deps) *running {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &running{srv: srv, reg: reg, http: "http://" + srv.HTTPAddr(), grpc: pb.NewGRPCInferenceServiceClient(conn)}
+	return &running{srv: srv, reg: reg, http: "http://" + srv.HTTPAddr(), grpc: pb.NewGRPCInferenceServiceClient(conn), stop: stop}
 }
 
 func post(t testing.TB, url, ctype string, body []byte, hdr ...string) (*http.Response, []byte) {
