@@ -193,6 +193,20 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			return nil, fmt.Errorf("runtime: %w", err)
 		}
 		a.add("runtime", rt.Run)
+		if a.accounting != nil {
+			// The runtime's model workers are accounted as workers of their model.
+			a.accounting.SetWorkerSource(func() map[uint32]string {
+				out := map[uint32]string{}
+				for _, v := range rt.ModelVersions() {
+					if pool := v.Pool(); pool != nil {
+						for _, pid := range pool.PIDs() {
+							out[uint32(pid)] = v.Model()
+						}
+					}
+				}
+				return out
+			})
+		}
 		if cfg.Lifecycle.Enabled {
 			lc := cfg.Lifecycle
 			if lc.SliceBytes == 0 && cfg.DevicePlugin.Enabled {

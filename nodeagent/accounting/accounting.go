@@ -167,6 +167,8 @@ type Tracker struct {
 	pids        map[uint32]pidInfo
 	workers     map[uint32]string
 
+	workerSource atomic.Pointer[WorkerSource]
+
 	latest atomic.Pointer[Report]
 }
 
@@ -195,6 +197,14 @@ func (t *Tracker) RegisterWorker(pid int, model string) {
 	defer t.mu.Unlock()
 	t.workers[uint32(pid)] = model
 }
+
+// WorkerSource lists the agent's model workers at accounting time: PID ->
+// model name (the inference runtime's worker pools).
+type WorkerSource func() map[uint32]string
+
+// SetWorkerSource adds a source of agent workers, consulted at every
+// Account besides the registered ones.
+func (t *Tracker) SetWorkerSource(f WorkerSource) { t.workerSource.Store(&f) }
 
 // UnregisterWorker forgets a worker.
 func (t *Tracker) UnregisterWorker(pid int) {
@@ -304,6 +314,10 @@ func (t *Tracker) Account(s *gpu.Snapshot) *Report {
 		r.GPUIndex[d.UUID] = d.Index
 	}
 	sliceBytes := t.sliceBytes.Load()
+	var listed map[uint32]string
+	if f := t.workerSource.Load(); f != nil {
+		listed = (*f)()
+	}
 
 	t.mu.Lock()
 	live := make(map[uint32]bool, len(s.Processes))
@@ -311,7 +325,11 @@ func (t *Tracker) Account(s *gpu.Snapshot) *Report {
 	missing := false
 	for _, p := range s.Processes {
 		live[p.PID] = true
-		if model, ok := t.workers[p.PID]; ok {
+		model, ok := t.workers[p.PID]
+		if !ok {
+			model, ok = listed[p.PID]
+		}
+		if ok {
 			u := Usage{Kind: gpu.GroupWorker, GPUUUID: p.GPUUUID, GPUIndex: r.GPUIndex[p.GPUUUID], Model: model}
 			t.add(groups, u, p)
 			continue

@@ -383,3 +383,20 @@ func BenchmarkAccount(b *testing.B) {
 		tr.Account(s)
 	}
 }
+
+// Workers listed by a source (the runtime's pools) are workers too, and
+// leave the unaccounted total.
+func TestWorkerSource(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	f.tracker.SetWorkerSource(func() map[uint32]string { return map[uint32]string{1: "yolo"} })
+	r := f.tracker.Account(snapshot(1, p(1, gpu1, 300*mib), p(500, gpu1, 100*mib)))
+	if len(r.Groups) != 2 || r.Groups[0].Model != "ppocr-det" || r.Groups[1].Model != "yolo" || r.Groups[1].UsageBytes != 300*mib || r.Unaccounted[gpu1] != 0 {
+		t.Fatalf("groups %+v, unaccounted %v", r.Groups, r.Unaccounted)
+	}
+	f.tracker.UnregisterWorker(500)
+	r = f.tracker.Account(snapshot(2, p(500, gpu1, 100*mib)))
+	if len(r.Groups) != 0 || r.Unaccounted[gpu1] != 100*mib {
+		t.Fatalf("after unregister: groups %+v, unaccounted %v", r.Groups, r.Unaccounted)
+	}
+}
