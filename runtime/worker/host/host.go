@@ -11,7 +11,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/visionslice/visionslice/runtime/cv"
 	"github.com/visionslice/visionslice/runtime/ort"
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -39,8 +38,17 @@ type Model struct {
 }
 
 type image struct {
-	pp     *cv.Preprocessor
+	pp     preprocessor
 	target ort.IO
+}
+
+// preprocessor turns encoded images into one tensor (runtime/cv's
+// Preprocessor; see images_cv.go).
+type preprocessor interface {
+	// Shape of the tensor for n images.
+	Shape(n int) []int64
+	Batch(name string, images [][]byte) (tensor.Tensor, error)
+	Close()
 }
 
 var _ worker.Handler = (*Model)(nil)
@@ -99,14 +107,28 @@ func (m *Model) setup(cfg Config) error {
 }
 
 func (m *Model) addImage(name string, spec *repository.Preprocessing) error {
-	p := cv.ParamsFrom(spec)
 	target, ok := m.input(spec.ModelInput)
 	if !ok {
 		return fmt.Errorf("preprocessing of %q targets model input %q, which the model does not have", name, spec.ModelInput)
 	}
-	want := p.Shape(1)
-	if target.Datatype != p.Datatype {
-		return fmt.Errorf("preprocessing of %q makes %s, model input %q takes %s", name, p.Datatype, target.Name, target.Datatype)
+	pp, dt, err := newImagePreprocessor(spec)
+	if err != nil {
+		return fmt.Errorf("preprocessing of %q: %w", name, err)
+	}
+	if err := checkTarget(name, pp.Shape(1), dt, target); err != nil {
+		pp.Close()
+		return err
+	}
+	m.images[name] = &image{pp: pp, target: target}
+	m.meta.Images = append(m.meta.Images, worker.ImageInput{Name: name, ModelInput: target.Name})
+	return nil
+}
+
+// checkTarget checks that images preprocessed into shape want (for one
+// image) of datatype dt fit the model input target.
+func checkTarget(name string, want []int64, dt tensor.DataType, target ort.IO) error {
+	if target.Datatype != dt {
+		return fmt.Errorf("preprocessing of %q makes %s, model input %q takes %s", name, dt, target.Name, target.Datatype)
 	}
 	if len(target.Shape) == 3 {
 		want = want[1:]
@@ -118,12 +140,6 @@ func (m *Model) addImage(name string, spec *repository.Preprocessing) error {
 			return fmt.Errorf("preprocessing of %q makes shape %v per image, model input %q has shape %v", name, want, target.Name, target.Shape)
 		}
 	}
-	pp, err := cv.NewPreprocessor(p, 0)
-	if err != nil {
-		return fmt.Errorf("preprocessing of %q: %w", name, err)
-	}
-	m.images[name] = &image{pp: pp, target: target}
-	m.meta.Images = append(m.meta.Images, worker.ImageInput{Name: name, ModelInput: target.Name})
 	return nil
 }
 
@@ -145,7 +161,7 @@ func (m *Model) warmup(spec *repository.Config) error {
 		var hint []int64
 		for _, im := range m.images {
 			if im.target.Name == io.Name {
-				hint = im.pp.Params().Shape(1)
+				hint = im.pp.Shape(1)
 			}
 		}
 		if hint == nil && spec != nil {
@@ -239,7 +255,7 @@ var ErrInvalidInput = errors.New("invalid input")
 
 // Code classifies Infer's errors for the wire.
 func Code(err error) worker.Code {
-	if errors.Is(err, ErrInvalidInput) || errors.Is(err, ort.ErrInvalidInput) || errors.Is(err, cv.ErrBadImage) {
+	if errors.Is(err, ErrInvalidInput) || errors.Is(err, ort.ErrInvalidInput) || badImage(err) {
 		return worker.CodeInvalidArgument
 	}
 	return worker.CodeInternal
