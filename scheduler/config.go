@@ -17,6 +17,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/visionslice/visionslice/scheduler/fit"
+	"github.com/visionslice/visionslice/scheduler/promsource"
 	"github.com/visionslice/visionslice/scheduler/scrape"
 )
 
@@ -60,6 +61,10 @@ type Config struct {
 	// Scrape is the scrape loop; Targets says where the agents are.
 	Scrape  scrape.Config `yaml:"scrape"`
 	Targets Targets       `yaml:"targets"`
+	// Prometheus, when set, replaces scraping: the extender reads the
+	// agents' metrics from this Prometheus over its HTTP API instead, and
+	// targets must be empty.
+	Prometheus *promsource.Config `yaml:"prometheus"`
 }
 
 // Staleness of node metrics.
@@ -136,6 +141,9 @@ func (c *Config) Complete() {
 	if c.MaxRequestBytes == 0 {
 		c.MaxRequestBytes = d.MaxRequestBytes
 	}
+	if c.Prometheus != nil {
+		c.Prometheus.Complete()
+	}
 	if c.Targets.Pods != nil && c.Targets.Pods.Path == "" {
 		c.Targets.Pods.Path = "/metrics"
 	}
@@ -171,6 +179,13 @@ func (c Config) Validate() error {
 		errs = append(errs, err)
 	}
 	switch {
+	case c.Prometheus != nil:
+		if len(c.Targets.Static) > 0 || c.Targets.Pods != nil {
+			errs = append(errs, errors.New("prometheus and targets exclude each other: the extender either queries Prometheus or scrapes the agents"))
+		}
+		if err := c.Prometheus.Validate(); err != nil {
+			errs = append(errs, err)
+		}
 	case len(c.Targets.Static) > 0 && c.Targets.Pods != nil:
 		errs = append(errs, errors.New("targets: set static or pods, not both"))
 	case c.Targets.Pods != nil:

@@ -33,6 +33,10 @@ targets:
 		c.AssumeTimeout != 2*time.Minute {
 		t.Fatalf("parsed %+v", c)
 	}
+	p, err := ParseConfig([]byte("version: v1\nprometheus: {url: 'http://prometheus:9090'}\n"))
+	if err != nil || p.Prometheus.NodeLabel != "node" || p.Prometheus.Lookback != 2*time.Minute {
+		t.Fatalf("prometheus source: %+v %v", p.Prometheus, err)
+	}
 	d, err := ParseConfig([]byte("version: v1\nscrape: {interval: 10s}\n"))
 	if err != nil || d.Staleness.TTL != 30*time.Second || *d.Weights != fit.DefaultWeights() {
 		t.Fatalf("defaults: %+v %v", d, err)
@@ -50,6 +54,8 @@ targets:
 		{"bad static url", "version: v1\ntargets: {static: {n1: 'ftp://a'}}\n", "not an http(s) URL"},
 		{"pods without port", "version: v1\ntargets: {pods: {selector: a=b}}\n", "port in 1..65535"},
 		{"timeout over interval", "version: v1\nscrape: {interval: 1s, timeout: 2s}\n", "at most the interval"},
+		{"prometheus and targets", "version: v1\nprometheus: {url: 'http://p:9090'}\ntargets: {static: {n1: 'http://a:1/metrics'}}\n", "exclude each other"},
+		{"prometheus bad url", "version: v1\nprometheus: {url: 'p:9090'}\n", "not an http(s) URL"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/visionslice/visionslice/scheduler/fit"
+	"github.com/visionslice/visionslice/scheduler/promsource"
 	"github.com/visionslice/visionslice/scheduler/scrape"
 )
 
@@ -24,7 +25,10 @@ type Source interface {
 	Get(node string) (scrape.Node, bool)
 }
 
-var _ Source = (*scrape.Manager)(nil)
+var (
+	_ Source = (*scrape.Manager)(nil)
+	_ Source = (*promsource.Source)(nil)
+)
 
 type runner interface {
 	Run(ctx context.Context) error
@@ -93,7 +97,18 @@ func New(cfg Config, deps Deps, logger *slog.Logger) (*Extender, error) {
 		synced:  make(chan struct{}),
 	}
 	e.source = deps.Source
-	if e.source == nil {
+	if e.source == nil && cfg.Prometheus != nil {
+		var rt http.RoundTripper
+		if deps.HTTPClient != nil {
+			rt = deps.HTTPClient.Transport
+		}
+		ps, err := promsource.New(*cfg.Prometheus, rt, deps.Now, logger.With("component", "prometheus"))
+		if err != nil {
+			return nil, err
+		}
+		e.source = ps
+		e.reg.MustRegister(ps.Collector())
+	} else if e.source == nil {
 		var disc scrape.Discoverer
 		switch {
 		case cfg.Targets.Pods != nil:

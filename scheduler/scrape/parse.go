@@ -50,8 +50,7 @@ var ErrNoGPUMetrics = errors.New("exposition has no " + slice.MetricGPUSlicesCap
 // carry no timestamp. samples counts the samples read, of any metric.
 func Parse(r io.Reader, format expfmt.Format, scrapeTime time.Time) (gpus []GPU, samples int, err error) {
 	dec := expfmt.NewDecoder(r, format)
-	byUUID := map[string]*GPU{}
-	seen := map[string]map[string]bool{} // gpu uuid -> metric names seen
+	var b Builder
 	for {
 		var mf dto.MetricFamily
 		if err := dec.Decode(&mf); err != nil {
@@ -62,57 +61,107 @@ func Parse(r io.Reader, format expfmt.Format, scrapeTime time.Time) (gpus []GPU,
 		}
 		name := mf.GetName()
 		samples += len(mf.GetMetric())
-		set, ok := setters[name]
-		if !ok {
+		if !Wanted(name) {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
 			uuid, idx := gpuLabels(m)
-			if uuid == "" {
-				return nil, samples, fmt.Errorf("metric %s has a sample without the %s label", name, slice.LabelGPUUUID)
-			}
 			v, ok := value(m)
-			if !ok || math.IsNaN(v) || math.IsInf(v, 0) {
-				return nil, samples, fmt.Errorf("metric %s{%s=%q} has no finite gauge value", name, slice.LabelGPUUUID, uuid)
-			}
-			g := byUUID[uuid]
-			if g == nil {
-				g = &GPU{UUID: uuid, Index: -1}
-				byUUID[uuid] = g
-				seen[uuid] = map[string]bool{}
-			}
-			if idx != "" {
-				n, err := strconv.Atoi(idx)
-				if err != nil || n < 0 {
-					return nil, samples, fmt.Errorf("metric %s{%s=%q} has %s=%q, not a gpu index", name, slice.LabelGPUUUID, uuid, slice.LabelGPUIndex, idx)
-				}
-				g.Index = n
+			if !ok {
+				return nil, samples, fmt.Errorf("metric %s{%s=%q} has no gauge value", name, slice.LabelGPUUUID, uuid)
 			}
 			ts := scrapeTime
 			if m.TimestampMs != nil {
 				ts = time.UnixMilli(m.GetTimestampMs())
 			}
-			if g.Timestamp.IsZero() || ts.Before(g.Timestamp) {
-				g.Timestamp = ts
+			if err := b.Add(name, uuid, idx, v, ts); err != nil {
+				return nil, samples, err
 			}
-			set(g, v)
-			seen[uuid][name] = true
 		}
 	}
-	for uuid, g := range byUUID {
-		if !seen[uuid][slice.MetricGPUSlicesCapacity] {
+	gpus, err = b.GPUs()
+	return gpus, samples, err
+}
+
+// Wanted reports whether a metric name is one of the agent metrics that
+// make up a GPU's state.
+func Wanted(name string) bool {
+	_, ok := setters[name]
+	return ok
+}
+
+// WantedNames lists the agent metric names that make up a GPU's state.
+func WantedNames() []string {
+	out := make([]string, 0, len(setters))
+	for n := range setters {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Builder assembles GPUs from agent samples, whatever they were read from
+// (an exposition, or a Prometheus query). The zero value is ready.
+type Builder struct {
+	byUUID map[string]*GPU
+	seen   map[string]map[string]bool // gpu uuid -> metric names seen
+}
+
+// Add records one sample of metric name for the GPU with the given uuid and
+// index labels (idx may be empty). Metrics not Wanted are ignored.
+func (b *Builder) Add(name, uuid, idx string, v float64, ts time.Time) error {
+	set, ok := setters[name]
+	if !ok {
+		return nil
+	}
+	if uuid == "" {
+		return fmt.Errorf("metric %s has a sample without the %s label", name, slice.LabelGPUUUID)
+	}
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return fmt.Errorf("metric %s{%s=%q} has no finite gauge value", name, slice.LabelGPUUUID, uuid)
+	}
+	if b.byUUID == nil {
+		b.byUUID, b.seen = map[string]*GPU{}, map[string]map[string]bool{}
+	}
+	g := b.byUUID[uuid]
+	if g == nil {
+		g = &GPU{UUID: uuid, Index: -1}
+		b.byUUID[uuid] = g
+		b.seen[uuid] = map[string]bool{}
+	}
+	if idx != "" {
+		n, err := strconv.Atoi(idx)
+		if err != nil || n < 0 {
+			return fmt.Errorf("metric %s{%s=%q} has %s=%q, not a gpu index", name, slice.LabelGPUUUID, uuid, slice.LabelGPUIndex, idx)
+		}
+		g.Index = n
+	}
+	if g.Timestamp.IsZero() || ts.Before(g.Timestamp) {
+		g.Timestamp = ts
+	}
+	set(g, v)
+	b.seen[uuid][name] = true
+	return nil
+}
+
+// GPUs returns the GPUs that have a capacity sample, sorted by index. A GPU
+// without a health sample counts as unhealthy. It returns ErrNoGPUMetrics
+// when there is none.
+func (b *Builder) GPUs() ([]GPU, error) {
+	var gpus []GPU
+	for uuid, g := range b.byUUID {
+		if !b.seen[uuid][slice.MetricGPUSlicesCapacity] {
 			// A GPU without capacity cannot be placed on: leave it out
 			// rather than count it as a GPU with zero slices.
-			delete(byUUID, uuid)
 			continue
 		}
-		if !seen[uuid][slice.MetricGPUHealthy] {
+		if !b.seen[uuid][slice.MetricGPUHealthy] {
 			g.Healthy = false // unknown health is not health
 		}
 		gpus = append(gpus, *g)
 	}
 	if len(gpus) == 0 {
-		return nil, samples, ErrNoGPUMetrics
+		return nil, ErrNoGPUMetrics
 	}
 	sort.Slice(gpus, func(i, j int) bool {
 		if gpus[i].Index != gpus[j].Index {
@@ -120,7 +169,7 @@ func Parse(r io.Reader, format expfmt.Format, scrapeTime time.Time) (gpus []GPU,
 		}
 		return gpus[i].UUID < gpus[j].UUID
 	})
-	return gpus, samples, nil
+	return gpus, nil
 }
 
 var setters = map[string]func(*GPU, float64){
