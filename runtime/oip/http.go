@@ -1,11 +1,13 @@
 package oip
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"math"
 	"mime"
 	"net/http"
 	"strconv"
@@ -162,7 +164,7 @@ func (s *Server) modelReady(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) inferHTTP(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(r.Body)
+	buf, err := readBody(r, s.opts.MaxBodyBytes)
 	if err != nil {
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
@@ -173,7 +175,7 @@ func (s *Server) inferHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	name, version := r.PathValue("model"), r.PathValue("version")
-	req, err := s.decodeHTTP(r, body, name, version)
+	req, err := s.decodeHTTP(r, buf, name, version)
 	if err != nil {
 		s.opts.Observer.Request(name, version, result(err), 0)
 		writeError(w, err)
@@ -228,7 +230,8 @@ func (s *Server) inferHTTP(w http.ResponseWriter, r *http.Request) {
 // decodeHTTP reads a JSON body, a binary extension body, or a raw body: an
 // encoded image or other bytes posted as-is (Content-Type not JSON, no
 // Inference-Header-Content-Length) to a model with one BYTES input.
-func (s *Server) decodeHTTP(r *http.Request, body []byte, name, version string) (*decodedRequest, error) {
+func (s *Server) decodeHTTP(r *http.Request, buf []byte, name, version string) (*decodedRequest, error) {
+	body := buf[headroom:]
 	if hl := r.Header.Get(HeaderInferenceHeaderLength); hl != "" {
 		n, err := strconv.Atoi(hl)
 		if err != nil || n < 0 {
@@ -240,7 +243,7 @@ func (s *Server) decodeHTTP(r *http.Request, body []byte, name, version string) 
 	if ct == "" || ct == "application/json" || strings.HasSuffix(ct, "+json") || (ct == "application/x-www-form-urlencoded" && looksJSON(body)) {
 		return parseInferRequest(body, -1)
 	}
-	return s.rawRequest(r, body, name, version)
+	return s.rawRequest(r, buf, name, version)
 }
 
 // looksJSON lets `curl -d '{...}'` (form content type by default) through.
@@ -255,7 +258,10 @@ func looksJSON(b []byte) bool {
 	return false
 }
 
-func (s *Server) rawRequest(r *http.Request, body []byte, name, version string) (*decodedRequest, error) {
+// rawRequest makes the body (buf after its headroom) one BYTES element in
+// place.
+func (s *Server) rawRequest(r *http.Request, buf []byte, name, version string) (*decodedRequest, error) {
+	body := buf[headroom:]
 	m, err := s.model(name, version)
 	if err != nil {
 		return nil, err
@@ -267,17 +273,40 @@ func (s *Server) rawRequest(r *http.Request, body []byte, name, version string) 
 	if len(body) == 0 {
 		return nil, invalid("empty body")
 	}
+	if int64(len(body)) > math.MaxUint32 {
+		return nil, invalid("body of %d bytes is too large for one BYTES element", len(body))
+	}
+	binary.LittleEndian.PutUint32(buf, uint32(len(body)))
 	in := md.Inputs[0]
 	shape := make([]int64, len(in.Shape))
 	for i := range shape {
 		shape[i] = 1
 	}
 	req := &decodedRequest{
-		Inputs:        []tensor.Tensor{{Name: in.Name, Datatype: tensor.Bytes, Shape: shape, Data: tensor.AppendBytesElement(make([]byte, 0, len(body)+4), body)}},
+		Inputs:        []tensor.Tensor{{Name: in.Name, Datatype: tensor.Bytes, Shape: shape, Data: buf}},
 		BinaryOutputs: map[string]bool{},
 	}
 	if b, _ := strconv.ParseBool(r.URL.Query().Get("binary_data_output")); b {
 		req.BinaryOutputs["*"] = true
 	}
 	return req, nil
+}
+
+// headroom is kept in front of every body read so that a raw body becomes
+// a BYTES element (4-byte length prefix) without a copy.
+const headroom = 4
+
+// readBody reads the whole body into one buffer sized from Content-Length
+// (when given and within limit), with headroom in front: the result is
+// headroom bytes, then the body.
+func readBody(r *http.Request, limit int64) ([]byte, error) {
+	size := int64(512)
+	if r.ContentLength > 0 && r.ContentLength <= limit {
+		size = r.ContentLength + 1 // +1: ReadFrom sees EOF without growing
+	}
+	buf := bytes.NewBuffer(make([]byte, headroom, headroom+size))
+	if _, err := buf.ReadFrom(r.Body); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
