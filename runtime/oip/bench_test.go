@@ -40,3 +40,14 @@ func BenchmarkGRPCService(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkParseJSON: the JSON request parser alone.
+func BenchmarkParseJSON(b *testing.B) {
+	body := []byte(`{"id":"1","inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}],"outputs":[{"name":"y"}]}`)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := parseInferRequest(body, -1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
