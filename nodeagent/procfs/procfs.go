@@ -39,12 +39,16 @@ type Container struct {
 	// Runtime is "containerd", "cri-o" or "docker" for the systemd driver's
 	// scopes, "" for the cgroupfs driver, which does not say.
 	Runtime string
-	// QoS is the pod's QoS class.
+	// QoS is the pod's QoS class; empty when the path does not show it
+	// (read from another cgroup namespace that shares the QoS cgroup).
 	QoS string
-	// CgroupPath is the container's cgroup in the v2 hierarchy, relative to
-	// its root ("/kubepods.slice/.../cri-containerd-<id>.scope"); empty when
-	// the process shows only cgroup v1 lines (it cannot be frozen or killed
-	// through cgroup v2 then).
+	// CgroupPath is the container's cgroup in the v2 hierarchy as the
+	// reader's cgroup namespace shows it: from the hierarchy root
+	// ("/kubepods.slice/.../cri-containerd-<id>.scope") when the reader is in
+	// the root namespace, else relative to the reader's namespace root, and
+	// then possibly climbing ("/../../kubepods-besteffort.slice/..."); see
+	// cgroup.Manager.ResolveProcPath. Empty when the process shows only
+	// cgroup v1 lines (it cannot be frozen or killed through cgroup v2 then).
 	CgroupPath string
 }
 
@@ -142,19 +146,24 @@ func ParsePath(p string) (Container, error) {
 				c.QoS = segs[j]
 				j++
 			}
-			if j >= len(segs) {
-				return Container{}, fmt.Errorf("%w: %s is a QoS cgroup, not a container's", ErrNotContainer, p)
+			var err error
+			if c.PodUID, c.ID, next, err = cgroupfsPodAt(segs, j, p); err != nil {
+				return Container{}, err
 			}
-			m := cgroupfsPod.FindStringSubmatch(segs[j])
-			if m == nil {
-				return Container{}, fmt.Errorf("%w: path %q: %q is not pod<uid>", ErrMalformed, p, segs[j])
+		case i > 0 && segs[i-1] == ".." && (seg == QoSBurstable || seg == QoSBestEffort || cgroupfsPod.MatchString(seg)):
+			// Read from another cgroup namespace, the path climbs ("..")
+			// to the common ancestor and hides what is above: the
+			// kubepods directory, and the QoS class when the reader
+			// shares it.
+			j := i
+			if seg == QoSBurstable || seg == QoSBestEffort {
+				c.QoS = seg
+				j++
 			}
-			c.PodUID = m[1]
-			if j+1 >= len(segs) {
-				return Container{}, fmt.Errorf("%w: %s is the pod's cgroup, not a container's", ErrNotContainer, p)
+			var err error
+			if c.PodUID, c.ID, next, err = cgroupfsPodAt(segs, j, p); err != nil {
+				return Container{}, err
 			}
-			c.ID = segs[j+1]
-			next = j + 2
 		default:
 			continue
 		}
@@ -168,6 +177,21 @@ func ParsePath(p string) (Container, error) {
 		return c, nil
 	}
 	return Container{}, fmt.Errorf("%w: %s", ErrNotContainer, p)
+}
+
+// cgroupfsPodAt reads "pod<uid>/<container id>" at segs[j:].
+func cgroupfsPodAt(segs []string, j int, p string) (uid, id string, next int, err error) {
+	if j >= len(segs) {
+		return "", "", 0, fmt.Errorf("%w: %s is a QoS cgroup, not a container's", ErrNotContainer, p)
+	}
+	m := cgroupfsPod.FindStringSubmatch(segs[j])
+	if m == nil {
+		return "", "", 0, fmt.Errorf("%w: path %q: %q is not pod<uid>", ErrMalformed, p, segs[j])
+	}
+	if j+1 >= len(segs) {
+		return "", "", 0, fmt.Errorf("%w: %s is the pod's cgroup, not a container's", ErrNotContainer, p)
+	}
+	return m[1], segs[j+1], j + 2, nil
 }
 
 func qosOf(s string) string {

@@ -42,6 +42,12 @@ func TestParseFixtures(t *testing.T) {
 			CgroupPath: "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod0d4b3c2a_1e5f_4a6b_8c7d_9e0f1a2b3c4d.slice/cri-containerd-" + fixID + ".scope"}},
 		{file: "static-pod-md5-uid.txt", want: procfs.Container{PodUID: "6c1f4a2e9b8d7c6f5e4d3c2b1a098f7e", ID: fixID, QoS: "burstable",
 			CgroupPath: "/kubepods/burstable/pod6c1f4a2e9b8d7c6f5e4d3c2b1a098f7e/" + fixID}},
+		{file: "other-ns-systemd.txt", want: procfs.Container{PodUID: fixUID, ID: fixID, Runtime: "containerd", QoS: "besteffort",
+			CgroupPath: "/../../kubepods-besteffort.slice/kubepods-besteffort-pod0d4b3c2a_1e5f_4a6b_8c7d_9e0f1a2b3c4d.slice/cri-containerd-" + fixID + ".scope"}},
+		{file: "other-ns-cgroupfs.txt", want: procfs.Container{PodUID: fixUID, ID: fixID, QoS: "besteffort",
+			CgroupPath: "/../../../besteffort/pod" + fixUID + "/" + fixID}},
+		{file: "other-ns-cgroupfs-same-qos.txt", want: procfs.Container{PodUID: fixUID, ID: fixID,
+			CgroupPath: "/../../pod" + fixUID + "/" + fixID}},
 		{file: "host-process.txt", err: procfs.ErrNotContainer},
 		{file: "pod-level.txt", err: procfs.ErrNotContainer, msg: "pod's cgroup"},
 		{file: "qos-level.txt", err: procfs.ErrNotContainer},
@@ -138,7 +144,7 @@ func FuzzParse(f *testing.F) {
 			}
 			return
 		}
-		if c.PodUID == "" || c.ID == "" || c.QoS == "" {
+		if c.PodUID == "" || c.ID == "" {
 			t.Fatalf("Parse(%q) = %+v without error but with empty fields", s, c)
 		}
 		if c.CgroupPath != "" && !strings.Contains(s, c.CgroupPath) {
