@@ -18,6 +18,7 @@ type testBackend struct{ models map[string]*testModel }
 type testModel struct {
 	md    ModelMetadata
 	ready bool
+	wait  bool
 	fn    func(inputs []tensor.Tensor) []tensor.Tensor
 }
 
@@ -59,7 +60,12 @@ func newTestBackend() *testBackend {
 		Inputs:  []TensorMetadata{{Name: "a", Datatype: tensor.Int64, Shape: []int64{1}}, {Name: "b", Datatype: tensor.Int64, Shape: []int64{1}}},
 		Outputs: []TensorMetadata{{Name: "a", Datatype: tensor.Int64, Shape: []int64{1}}}}}
 	pair.fn = func(in []tensor.Tensor) []tensor.Tensor { return in[:1] }
-	return &testBackend{models: map[string]*testModel{"double": double, "lengths": lengths, "cold": cold, "pair": pair}}
+	// "sleepy" answers only when the request's context ends.
+	sleepy := &testModel{ready: true, wait: true, md: ModelMetadata{Name: "sleepy", Version: "1", Versions: []string{"1"}, Platform: "onnxruntime",
+		Inputs:  []TensorMetadata{{Name: "x", Datatype: tensor.FP32, Shape: []int64{1}}},
+		Outputs: []TensorMetadata{{Name: "x", Datatype: tensor.FP32, Shape: []int64{1}}}}}
+	sleepy.fn = func(in []tensor.Tensor) []tensor.Tensor { return in }
+	return &testBackend{models: map[string]*testModel{"double": double, "lengths": lengths, "cold": cold, "pair": pair, "sleepy": sleepy}}
 }
 
 func (b *testBackend) Ready() bool { return false } // "cold" never is
@@ -79,6 +85,9 @@ func (m *testModel) Metadata() *ModelMetadata { return &m.md }
 func (m *testModel) Ready() bool              { return m.ready }
 
 func (m *testModel) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
+	if m.wait {
+		<-ctx.Done()
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"math"
 	"strconv"
+	"time"
 	"unicode/utf8"
 
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -59,6 +60,9 @@ type decodedRequest struct {
 	// BinaryOutputs says, per name in Outputs, whether it goes into the
 	// binary section of the response.
 	BinaryOutputs map[string]bool
+	// Timeout from the request's "timeout" parameter (microseconds, as
+	// Triton's), 0 when absent.
+	Timeout time.Duration
 }
 
 // parseInferRequest parses an infer body. headerLen < 0 means the whole body
@@ -88,6 +92,13 @@ func parseInferRequest(body []byte, headerLen int) (*decodedRequest, error) {
 		return nil, err
 	}
 	req := &decodedRequest{ID: jr.ID, Inputs: make([]tensor.Tensor, len(jr.Inputs)), BinaryOutputs: map[string]bool{}}
+	us, _, err := intParam(jr.Parameters, "timeout")
+	if err != nil {
+		return nil, invalid("%s", err.Error())
+	}
+	if req.Timeout, err = timeoutParam(us); err != nil {
+		return nil, err
+	}
 	off := 0
 	for i, in := range jr.Inputs {
 		if in.Name == "" {
@@ -429,4 +440,12 @@ func halfToFloat32(h uint16) float32 {
 		return math.Float32frombits(sign | 0x7f800000 | mant<<13)
 	}
 	return math.Float32frombits(sign | (exp+127-15)<<23 | mant<<13)
+}
+
+// timeoutParam converts the "timeout" request parameter (microseconds).
+func timeoutParam(us int64) (time.Duration, error) {
+	if us < 0 || us > int64(24*time.Hour/time.Microsecond) {
+		return 0, invalid("parameter timeout %d µs must be within 0..86400000000", us)
+	}
+	return time.Duration(us) * time.Microsecond, nil
 }

@@ -129,6 +129,17 @@ func (g *grpcService) ModelInfer(ctx context.Context, r *pb.ModelInferRequest) (
 	for i, o := range r.GetOutputs() {
 		outputs[i] = o.GetName()
 	}
+	if p, ok := r.GetParameters()["timeout"]; ok {
+		d, err := timeoutParam(p.GetInt64Param())
+		if err != nil {
+			return nil, grpcError(err)
+		}
+		if d > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, d)
+			defer cancel()
+		}
+	}
 	m, out, err := g.s.infer(ctx, r.GetModelName(), r.GetModelVersion(), inputs, outputs)
 	if err != nil {
 		return nil, grpcError(err)

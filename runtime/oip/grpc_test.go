@@ -141,6 +141,8 @@ func TestGRPCBadInput(t *testing.T) {
 		{"missing input", &pb.ModelInferRequest{ModelName: "pair", Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "b", Datatype: "INT64", Shape: []int64{1}, Contents: &pb.InferTensorContents{Int64Contents: []int64{1}}}}}, codes.InvalidArgument, `missing input "a"`},
 		{"extra input", &pb.ModelInferRequest{ModelName: "double", Inputs: []*pb.ModelInferRequest_InferInputTensor{{Name: "x", Datatype: "FP32", Shape: []int64{1, 2}}, {Name: "k", Datatype: "FP32", Shape: []int64{1}}}, RawInputContents: [][]byte{f32bytes(1, 2), f32bytes(1)}}, codes.InvalidArgument, `unexpected input "k"`},
 		{"not ready", &pb.ModelInferRequest{ModelName: "cold", Inputs: x("FP32", []int64{1}), RawInputContents: [][]byte{f32bytes(1)}}, codes.Unavailable, "not ready"},
+		{"timeout", &pb.ModelInferRequest{ModelName: "sleepy", Parameters: map[string]*pb.InferParameter{"timeout": {ParameterChoice: &pb.InferParameter_Int64Param{Int64Param: 20000}}},
+			Inputs: x("FP32", []int64{1}), RawInputContents: [][]byte{f32bytes(1)}}, codes.DeadlineExceeded, "deadline exceeded"},
 		{"over limit", &pb.ModelInferRequest{ModelName: "double", Inputs: x("FP32", []int64{1, 2}), RawInputContents: [][]byte{make([]byte, 5000)}}, codes.ResourceExhausted, "larger than max"},
 	}
 	for _, tc := range cases {

@@ -181,7 +181,13 @@ func (s *Server) inferHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	m, out, err := s.infer(r.Context(), name, version, req.Inputs, req.Outputs)
+	ctx := r.Context()
+	if req.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, req.Timeout)
+		defer cancel()
+	}
+	m, out, err := s.infer(ctx, name, version, req.Inputs, req.Outputs)
 	if err != nil {
 		trace.SpanFromContext(r.Context()).RecordError(err)
 		writeError(w, err)

@@ -218,6 +218,8 @@ func TestHTTPBadInput(t *testing.T) {
 		{"binary size overrun", "double", `{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}`, map[string]string{HeaderInferenceHeaderLength: "all"}, 400, "overruns the binary section"},
 		{"header length too big", "double", ok, map[string]string{HeaderInferenceHeaderLength: "9999"}, 400, "exceeds the body"},
 		{"header length bad", "double", ok, map[string]string{HeaderInferenceHeaderLength: "x"}, 400, "not a non-negative integer"},
+		{"timeout", "sleepy", `{"parameters":{"timeout":20000},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}`, nil, 504, "deadline exceeded"},
+		{"bad timeout", "sleepy", `{"parameters":{"timeout":-5},"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}`, nil, 400, "timeout -5"},
 		{"binary size without header", "double", `{"inputs":[{"name":"x","shape":[1,2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}`, nil, 400, "no Inference-Header-Content-Length"},
 	}
 	for _, tc := range cases {
