@@ -54,7 +54,7 @@ func requestIDInterceptor(ctx context.Context, req any, _ *grpc.UnaryServerInfo,
 		id = newRequestID()
 	}
 	_ = grpc.SetHeader(ctx, metadata.Pairs("x-request-id", id))
-	return handler(ctx, req)
+	return handler(WithRequestID(ctx, id), req)
 }
 
 // grpcError maps an error class to a status.

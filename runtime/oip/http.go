@@ -82,7 +82,7 @@ func (s *Server) middleware(next http.Handler) http.Handler {
 		ctx, span := s.opts.Tracer.Start(ctx, "HTTP "+r.Method, trace.WithSpanKind(trace.SpanKindServer),
 			trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("url.path", r.URL.Path), attribute.String("request.id", id)))
 		defer span.End()
-		r = r.WithContext(ctx)
+		r = r.WithContext(WithRequestID(ctx, id))
 		r.Body = http.MaxBytesReader(w, r.Body, s.opts.MaxBodyBytes)
 		sw := &statusWriter{ResponseWriter: w}
 		next.ServeHTTP(sw, r)

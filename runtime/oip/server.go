@@ -93,7 +93,7 @@ func (s *Server) infer(ctx context.Context, name, version string, inputs []tenso
 	res := result(err)
 	s.opts.Observer.Request(md.Name, md.Version, res, time.Since(start))
 	if err != nil && res == "error" {
-		s.logger.Warn("inference failed", "model", md.Name, "version", md.Version, "err", err)
+		s.logger.Warn("inference failed", "model", md.Name, "version", md.Version, "request_id", RequestID(ctx), "err", err)
 	}
 	return m, out, err
 }
@@ -114,6 +114,20 @@ func (s *Server) inferModel(ctx context.Context, m Model, md *ModelMetadata, inp
 		return nil, errors.New("model returned a different number of outputs than requested")
 	}
 	return out, nil
+}
+
+type requestIDKey struct{}
+
+// WithRequestID returns ctx carrying a request ID.
+func WithRequestID(ctx context.Context, id string) context.Context {
+	return context.WithValue(ctx, requestIDKey{}, id)
+}
+
+// RequestID returns the request ID ctx carries ("" when none), for logs
+// further down (batcher, worker calls).
+func RequestID(ctx context.Context) string {
+	id, _ := ctx.Value(requestIDKey{}).(string)
+	return id
 }
 
 // newRequestID returns 16 random bytes in hex.
