@@ -23,6 +23,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
@@ -234,6 +235,10 @@ type Stats struct {
 // Manager creates and opens groups in one cgroup v2 hierarchy.
 type Manager struct {
 	cfg Config
+
+	nsOnce sync.Once
+	nsRoot string
+	nsErr  error
 }
 
 // Groups is what a consumer of the seam needs: create a child for its own
@@ -331,6 +336,124 @@ func (m *Manager) Open(p string) (Group, error) {
 		return nil, fmt.Errorf("open cgroup %s: %w", dir, err)
 	}
 	return &group{mgr: mgr, path: dir, root: m.cfg.Root, timeout: m.cfg.FreezeTimeout}, nil
+}
+
+// ResolveProcPath turns a cgroup path as this process's /proc/<pid>/cgroup
+// shows it into a path below Root that Open takes. In the root cgroup
+// namespace the two are the same. In a private namespace (a container's) the
+// kernel shows paths relative to the namespace root, climbing with ".." to
+// reach other containers; the namespace root is found once, as the group
+// below Root whose cgroup.procs holds this process, less the path
+// /proc/self/cgroup shows for it.
+func (m *Manager) ResolveProcPath(p string) (string, error) {
+	m.nsOnce.Do(func() { m.nsRoot, m.nsErr = namespaceRoot(m.cfg.Root, "/proc/self/cgroup", os.Getpid()) })
+	if m.nsErr != nil {
+		return "", m.nsErr
+	}
+	return joinNamespace(m.nsRoot, p)
+}
+
+// joinNamespace resolves p against the namespace root ns (both below the
+// hierarchy root); the result must not leave the hierarchy.
+func joinNamespace(ns, p string) (string, error) {
+	if !strings.HasPrefix(p, "/") {
+		return "", fmt.Errorf("%w %q: a /proc cgroup path starts with /", ErrBadPath, p)
+	}
+	joined := path.Clean("/" + ns + "/" + p)
+	// path.Clean keeps a leading ".." only for relative paths: count how
+	// far p climbs to catch one that leaves the hierarchy.
+	depth := len(strings.FieldsFunc(ns, func(r rune) bool { return r == '/' }))
+	for _, seg := range strings.Split(strings.Trim(p, "/"), "/") {
+		switch seg {
+		case "..":
+			depth--
+		case "", ".":
+		default:
+			depth++
+		}
+		if depth < 0 {
+			return "", fmt.Errorf("%w %q: climbs above the cgroup root from namespace root /%s", ErrBadPath, p, ns)
+		}
+	}
+	if joined == "/" {
+		return "", fmt.Errorf("%w %q: resolves to the cgroup root", ErrBadPath, p)
+	}
+	return joined, nil
+}
+
+// namespaceRoot finds this process's cgroup namespace root below root.
+func namespaceRoot(root, selfCgroup string, pid int) (string, error) {
+	b, err := os.ReadFile(selfCgroup)
+	if err != nil {
+		return "", fmt.Errorf("read own cgroup: %w", err)
+	}
+	var own string
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "0::"); ok {
+			own = rest
+		}
+	}
+	if own == "" || strings.Contains(own, "..") {
+		return "", fmt.Errorf("own cgroup in %s: no usable cgroup v2 line in %q", selfCgroup, b)
+	}
+	// Fast path: the root namespace, where the shown path exists as is.
+	if holds(filepath.Join(root, own), pid) {
+		return "/", nil
+	}
+	found := ""
+	want := strconv.Itoa(pid)
+	walkErr := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() || found != "" {
+			if found != "" {
+				return filepath.SkipAll
+			}
+			return nil
+		}
+		if rel, _ := filepath.Rel(root, p); strings.Count(rel, "/") > 12 {
+			return filepath.SkipDir
+		}
+		if procsHold(filepath.Join(p, "cgroup.procs"), want) {
+			found = p
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	if walkErr != nil {
+		return "", fmt.Errorf("find own cgroup below %s: %w", root, walkErr)
+	}
+	if found == "" {
+		return "", fmt.Errorf("find own cgroup below %s: no group holds pid %d (is the host's cgroup tree mounted there?)", root, pid)
+	}
+	abs := "/" + strings.TrimPrefix(strings.TrimPrefix(found, root), "/")
+	own = path.Clean(own)
+	if own == "/" {
+		return abs, nil
+	}
+	if !strings.HasSuffix(abs, own) {
+		return "", fmt.Errorf("own cgroup %s found at %s, which does not end with the namespace's %s", want, abs, own)
+	}
+	ns := strings.TrimSuffix(abs, own)
+	if ns == "" {
+		ns = "/"
+	}
+	return ns, nil
+}
+
+func holds(dir string, pid int) bool {
+	return procsHold(filepath.Join(dir, "cgroup.procs"), strconv.Itoa(pid))
+}
+
+func procsHold(file, pid string) bool {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if l == pid {
+			return true
+		}
+	}
+	return false
 }
 
 // cleanRel turns a group path into a clean relative path that stays inside

@@ -247,3 +247,118 @@ func TestLimitsReportMissingControllers(t *testing.T) {
 		}
 	}
 }
+
+func TestJoinNamespace(t *testing.T) {
+	t.Parallel()
+	cases := []struct{ ns, p, want, err string }{
+		{"/", "/kubepods.slice/a.scope", "/kubepods.slice/a.scope", ""},
+		{"/kubepods.slice/kubepods-burstable.slice/pod1.slice/agent.scope", "/../../../kubepods-besteffort.slice/pod2.slice/c.scope",
+			"/kubepods.slice/kubepods-besteffort.slice/pod2.slice/c.scope", ""},
+		{"/kubepods/burstable/podA/ctr", "/", "/kubepods/burstable/podA/ctr", ""},
+		{"/a/b", "/../../../x", "", "climbs above"},
+		{"/a", "/..", "", "cgroup root"},
+		{"/a", "relative", "", "starts with /"},
+	}
+	for _, tc := range cases {
+		got, err := cgroup.JoinNamespaceForTest(tc.ns, tc.p)
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) || !errors.Is(err, cgroup.ErrBadPath) {
+				t.Errorf("join(%q, %q) = %q, %v; want error %q", tc.ns, tc.p, got, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("join(%q, %q) = %q, %v; want %q", tc.ns, tc.p, got, err, tc.want)
+		}
+	}
+}
+
+// In the root cgroup namespace a /proc path is already below the root.
+func TestResolveProcPathRootNamespace(t *testing.T) {
+	t.Parallel()
+	m := cgrouptest.Manager(t)
+	own, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil || !strings.Contains(string(own), "0::/") {
+		t.Skipf("skipping: no cgroup v2 line in /proc/self/cgroup: %q", own)
+	}
+	if strings.Contains(string(own), "0::/..") {
+		t.Skip("skipping: this test runs in a private cgroup namespace")
+	}
+	got, err := m.ResolveProcPath("/kubepods.slice/x.scope")
+	if err != nil || got != "/kubepods.slice/x.scope" {
+		t.Fatalf("ResolveProcPath = %q, %v", got, err)
+	}
+}
+
+// A process in a private cgroup namespace (unshare -C, as a container's
+// agent runs) sees another group's path climb with ".."; ResolveProcPath
+// turns it back into the group's path below the root, and the group freezes.
+func TestResolveProcPathPrivateNamespace(t *testing.T) {
+	if os.Getenv("VS_CGROUP_HELPER") == "1" {
+		return // the helper is TestResolveProcPathHelper
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("skipping: no unshare")
+	}
+	m := cgrouptest.Manager(t)
+	agent, err := m.Create("agent", cgroup.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	target, err := m.Create("target", cgroup.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := startSleep(t)
+	if err := target.AddProc(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	want := strings.TrimPrefix(target.Path(), m.Root())
+	helper := exec.Command("sh", "-c", `echo $$ > "$1/cgroup.procs" && exec unshare -C "$2" -test.run='^TestResolveProcPathHelper$' -test.v`,
+		"sh", agent.Path(), os.Args[0])
+	helper.Env = append(os.Environ(), "VS_CGROUP_HELPER=1", "VS_CGROUP_ROOT="+m.Root(),
+		"VS_CGROUP_PID="+strconv.Itoa(cmd.Process.Pid), "VS_CGROUP_WANT="+want)
+	out, err := helper.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestResolveProcPathHelper") {
+		t.Fatalf("helper in a private cgroup namespace: %v\n%s", err, out)
+	}
+	t.Logf("%s", out)
+}
+
+func TestResolveProcPathHelper(t *testing.T) {
+	if os.Getenv("VS_CGROUP_HELPER") != "1" {
+		t.Skip("skipping: run by TestResolveProcPathPrivateNamespace")
+	}
+	b, err := os.ReadFile("/proc/" + os.Getenv("VS_CGROUP_PID") + "/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shown string
+	for _, l := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(l, "0::"); ok {
+			shown = rest
+		}
+	}
+	if !strings.HasPrefix(shown, "/..") {
+		t.Fatalf("target shown as %q, want a path climbing with ..", shown)
+	}
+	m, err := cgroup.NewManager(cgroup.Config{Root: os.Getenv("VS_CGROUP_ROOT")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.ResolveProcPath(shown)
+	if err != nil || got != os.Getenv("VS_CGROUP_WANT") {
+		t.Fatalf("ResolveProcPath(%q) = %q, %v; want %q", shown, got, err, os.Getenv("VS_CGROUP_WANT"))
+	}
+	g, err := m.Open(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Freeze(); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Thaw(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("shown %s, resolved %s, frozen and thawed", shown, got)
+}

@@ -46,6 +46,15 @@ type Deps struct {
 	Registerer prometheus.Registerer
 }
 
+// procPathResolver turns a path shown in /proc/<pid>/cgroup into one below
+// the hierarchy root (the agent may run in a private cgroup namespace);
+// *cgroup.Manager is one.
+type procPathResolver interface {
+	ResolveProcPath(p string) (string, error)
+}
+
+var _ procPathResolver = (*cgroup.Manager)(nil)
+
 // Record is one audit record: an action taken (or refused) on a container.
 type Record struct {
 	Time         time.Time
@@ -345,7 +354,14 @@ func (e *Enforcer) act(u accounting.Usage, op func(cgroup.Group) error) error {
 	if u.CgroupPath == "" {
 		return errors.New("container has no cgroup v2 path (cgroup v1 only)")
 	}
-	g, err := e.deps.Cgroups.Open(u.CgroupPath)
+	p := u.CgroupPath
+	if r, ok := e.deps.Cgroups.(procPathResolver); ok {
+		var err error
+		if p, err = r.ResolveProcPath(p); err != nil {
+			return err
+		}
+	}
+	g, err := e.deps.Cgroups.Open(p)
 	if err != nil {
 		return err
 	}

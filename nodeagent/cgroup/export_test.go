@@ -1,0 +1,4 @@
+package cgroup
+
+// JoinNamespaceForTest exposes joinNamespace to the external tests.
+var JoinNamespaceForTest = joinNamespace
