@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -148,6 +149,7 @@ func requireGone(t *testing.T, pids []int) {
 
 func TestStartInferClose(t *testing.T) {
 	cfg := config(t)
+	goroutines := runtime.NumGoroutine()
 	model := writeModel(t, must(onnxgen.Binary("Add", tensor.FP32, []int64{onnxgen.Dynamic, 2})))
 	spec := &repository.Config{Version: "v1", MaxBatchSize: 8, Instances: 2, IntraOpThreads: 1,
 		Inputs:  []repository.TensorSpec{{Name: "a", Datatype: tensor.FP32, Dims: []int64{2}}, {Name: "b", Datatype: tensor.FP32, Dims: []int64{2}}},
@@ -196,6 +198,12 @@ func TestStartInferClose(t *testing.T) {
 	requireGone(t, pids)
 	if entries, _ := os.ReadDir(cfg.SocketDir); len(entries) != 0 {
 		t.Fatalf("socket dir left: %v", entries)
+	}
+	for deadline := time.Now().Add(5 * time.Second); runtime.NumGoroutine() > goroutines; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("%d goroutines before Start, %d after Close:\n%s", goroutines, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+		}
 	}
 	if _, err := p.Infer(ctx, []tensor.Tensor{onnxgen.FP32("a", []int64{1, 2}, 1, 2)}, nil); !errors.Is(err, inferr.ErrUnavailable) {
 		t.Fatalf("after Close: %v", err)
