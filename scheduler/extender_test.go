@@ -512,7 +512,7 @@ func TestExtenderScrapesAgent(t *testing.T) {
 	}))
 	defer agent.Close()
 	cfg := DefaultConfig()
-	cfg.Scrape.Interval, cfg.Scrape.Timeout = 200*time.Millisecond, 200*time.Millisecond
+	cfg.Scrape.Interval, cfg.Scrape.Timeout = 500*time.Millisecond, 500*time.Millisecond
 	cfg.Staleness.TTL = time.Minute
 	cfg.Targets.Static = map[string]string{"node-1": agent.URL + "/metrics"}
 	ext, err := New(cfg, Deps{}, discard())

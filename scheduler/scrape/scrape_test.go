@@ -32,7 +32,7 @@ func agentText(t *testing.T) []byte {
 }
 
 func fastConfig() Config {
-	return Config{Interval: 300 * time.Millisecond, Timeout: 300 * time.Millisecond, MaxBodyBytes: 1 << 20}
+	return Config{Interval: 500 * time.Millisecond, Timeout: 500 * time.Millisecond, MaxBodyBytes: 64 << 10}
 }
 
 // waitScrapes runs m until each node was scraped at least n times.
@@ -80,7 +80,7 @@ func TestManagerScrapesStaticTargets(t *testing.T) {
 	defer good.Close()
 	big := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		for range 3000 { // ~ 1.5 MiB > the 1 MiB cap
+		for range 300 { // ~ 150 KiB > the 64 KiB cap
 			_, _ = w.Write([]byte("# padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding padding\n"))
 		}
 		_, _ = w.Write(text)
