@@ -440,6 +440,10 @@ func (b *Batcher) execute(batch []*request) {
 			continue // abandoned between collect and here
 		}
 		r.span.End()
+		if !r.deadline.IsZero() && !now.Before(r.deadline) {
+			r.done <- result{err: fmt.Errorf("deadline passed after %s in the queue: %w", now.Sub(r.enqueued).Round(time.Microsecond), context.DeadlineExceeded)}
+			continue
+		}
 		b.obs.Queued(now.Sub(r.enqueued))
 		live = append(live, r)
 	}
