@@ -221,13 +221,19 @@ func dedupe(ts []Target, logger *slog.Logger) map[Target]bool {
 }
 
 func (m *Manager) sync(ctx context.Context, loops map[Target]*loop, want map[Target]bool) {
+	wantNode := make(map[string]bool, len(want))
+	for t := range want {
+		wantNode[t.Node] = true
+	}
 	for t, l := range loops {
 		if !want[t] {
 			l.cancel()
 			<-l.done
 			delete(loops, t)
+			// A node whose agent moved (a new pod IP) keeps its last scrape,
+			// with its timestamps, until the new target's first scrape.
 			m.mu.Lock()
-			if n, ok := m.nodes[t.Node]; ok && n.Target == t {
+			if n, ok := m.nodes[t.Node]; ok && n.Target == t && !wantNode[t.Node] {
 				delete(m.nodes, t.Node)
 			}
 			m.mu.Unlock()
@@ -298,7 +304,11 @@ func (m *Manager) scrapeOnce(ctx context.Context, t Target) {
 	m.mu.Lock()
 	n := m.nodes[t.Node]
 	if n == nil || n.Target != t {
+		prev := n
 		n = &Node{Target: t}
+		if prev != nil { // the node's agent moved: its last good GPUs stay until replaced
+			n.GPUs, n.LastSuccess, n.oldest = prev.GPUs, prev.LastSuccess, prev.oldest
+		}
 		m.nodes[t.Node] = n
 	}
 	n.LastScrape, n.Err, n.Duration, n.Samples = start, err, dur, samples

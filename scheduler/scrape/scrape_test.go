@@ -248,3 +248,46 @@ func TestConfigValidate(t *testing.T) {
 		t.Error("empty selector accepted")
 	}
 }
+
+// TestAgentMoves: when a node's agent comes back at a new address, the node
+// keeps its last good scrape (old timestamps and all) until the new target
+// answers, instead of vanishing for an interval.
+func TestAgentMoves(t *testing.T) {
+	t.Parallel()
+	text := agentText(t)
+	old := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write(text) }))
+	defer old.Close()
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "starting", http.StatusServiceUnavailable)
+	}))
+	defer down.Close()
+	scraped := make(chan string, 16)
+	m, err := NewManager(fastConfig(), Static{}, discard(), WithScrapeHook(func(n string) { scraped <- n }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	loops := map[Target]*loop{}
+	defer m.sync(ctx, loops, nil)
+	m.sync(ctx, loops, map[Target]bool{{Node: "n1", URL: old.URL}: true})
+	waitScrapes(t, ctx, scraped, map[string]int{"n1": 0}, 1)
+	before, _ := m.Get("n1")
+
+	m.sync(ctx, loops, map[Target]bool{{Node: "n1", URL: down.URL}: true})
+	if n, ok := m.Get("n1"); !ok || len(n.GPUs) != 2 {
+		t.Fatalf("node dropped while its agent moved: %+v", n)
+	}
+	for len(scraped) > 0 { // the old loop has stopped; forget its last notices
+		<-scraped
+	}
+	waitScrapes(t, ctx, scraped, map[string]int{"n1": 0}, 1)
+	n, _ := m.Get("n1")
+	if n.Target.URL != down.URL || n.Err == nil || len(n.GPUs) != 2 || !n.LastSuccess.Equal(before.LastSuccess) {
+		t.Fatalf("after the new target failed: %+v", n)
+	}
+	m.sync(ctx, loops, nil)
+	if _, ok := m.Get("n1"); ok {
+		t.Fatal("node kept after its target went away")
+	}
+}
