@@ -33,6 +33,13 @@ type Config struct {
 	// ConfigInterval is how often model configs are re-read for quota
 	// changes (default 2s).
 	ConfigInterval time.Duration `yaml:"configInterval"`
+	// HotReload watches the model repository: a new version is verified
+	// (checksum, load, warm-up) before it takes traffic, a removed one is
+	// drained (default on).
+	HotReload *bool `yaml:"hotReload"`
+	// ReloadDebounce is how long a model's files must be quiet before it
+	// is reloaded (default 500ms).
+	ReloadDebounce time.Duration `yaml:"reloadDebounce"`
 }
 
 // SetDefaults fills zero fields.
@@ -49,6 +56,11 @@ func (c *Config) SetDefaults() {
 	def(&c.BackoffInitial, time.Second)
 	def(&c.BackoffMax, 30*time.Second)
 	def(&c.ConfigInterval, 2*time.Second)
+	def(&c.ReloadDebounce, 500*time.Millisecond)
+	if c.HotReload == nil {
+		on := true
+		c.HotReload = &on
+	}
 	if c.MaxOverruns == 0 {
 		c.MaxOverruns = 3
 	}
@@ -57,7 +69,7 @@ func (c *Config) SetDefaults() {
 // Validate reports a config that cannot work (after SetDefaults).
 func (c *Config) Validate() error {
 	var errs []error
-	if c.OverrunWindow < 0 || c.BackoffInitial < 0 || c.ConfigInterval < 0 {
+	if c.OverrunWindow < 0 || c.BackoffInitial < 0 || c.ConfigInterval < 0 || c.ReloadDebounce < 0 {
 		errs = append(errs, errors.New("lifecycle: durations must not be negative"))
 	}
 	if c.BackoffMax < c.BackoffInitial {

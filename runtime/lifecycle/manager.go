@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -101,6 +102,18 @@ func (m *Manager) Run(ctx context.Context) error {
 	m.mu.Unlock()
 	snaps, cancel := m.gpus.Subscribe()
 	defer cancel()
+	if r, ok := m.src.(Reloader); ok && *m.cfg.HotReload {
+		w := NewWatcher(r, m.cfg.ReloadDebounce, m.logger.With("part", "watcher"))
+		done := make(chan struct{})
+		wctx, stop := context.WithCancel(ctx)
+		go func() {
+			if err := w.Run(wctx); err != nil {
+				m.logger.Error("model repository not watched; hot reload is off", "err", err)
+			}
+			close(done)
+		}()
+		defer func() { stop(); <-done }()
+	}
 	tick := time.NewTicker(m.cfg.ConfigInterval)
 	defer tick.Stop()
 	m.logger.Info("model lifecycle running", "slice_bytes", m.cfg.SliceBytes, "overrun_window_seconds", m.cfg.OverrunWindow.Seconds(),
@@ -124,6 +137,10 @@ func (m *Manager) syncLocked() []*versionState {
 	for _, h := range hs {
 		key := h.Model() + "/" + h.Version()
 		vs := m.versions[key]
+		if vs != nil && vs.h != h { // reloaded: a new version in the same place
+			vs.epoch++
+			vs = nil
+		}
 		if vs == nil {
 			vs = &versionState{h: h, state: StateServing, acted: map[int]uint64{}, pending: map[int]bool{}}
 			if c := h.Config(); c != nil {
@@ -133,6 +150,14 @@ func (m *Manager) syncLocked() []*versionState {
 			m.versions[key] = vs
 		}
 		out = append(out, vs)
+	}
+	if len(m.versions) > len(out) { // versions retired by hot reload
+		for key, vs := range m.versions {
+			if !slices.Contains(out, vs) {
+				vs.epoch++
+				delete(m.versions, key)
+			}
+		}
 	}
 	return out
 }

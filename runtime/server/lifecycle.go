@@ -77,21 +77,23 @@ func (mv *modelVersion) lifeReady(poolReady bool) bool {
 	return poolReady
 }
 
-// lifeErr fails a request at once when the version is in a failed state.
-func (mv *modelVersion) lifeErr() error {
+// enter fails a request at once when the version is in a failed state,
+// and otherwise counts it in flight until done is called.
+func (mv *modelVersion) enter() (done func(), err error) {
 	if st := mv.life.Load(); st != nil && st.Failed {
-		return fmt.Errorf("%w: model %s version %s is %s: %s", inferr.ErrUnavailable, mv.name, mv.version, st.State, st.Reason)
+		return nil, fmt.Errorf("%w: model %s version %s is %s: %s", inferr.ErrUnavailable, mv.name, mv.version, st.State, st.Reason)
 	}
-	return nil
+	mv.inflight.Add(1)
+	return func() { mv.inflight.Add(-1) }, nil
 }
 
-// withLife adds the lifecycle state to the metadata.
+// withLife adds the lifecycle state and the versions served now (hot
+// reload changes them) to the metadata.
 func (mv *modelVersion) withLife(md *oip.ModelMetadata) *oip.ModelMetadata {
-	st := mv.life.Load()
-	if st == nil {
-		return md
-	}
 	c := *md
-	c.State, c.StateReason = st.State, st.Reason
+	c.Versions = mv.s.servedVersions(mv.name)
+	if st := mv.life.Load(); st != nil {
+		c.State, c.StateReason = st.State, st.Reason
+	}
 	return &c
 }

@@ -47,7 +47,7 @@ func newMetrics(reg prometheus.Registerer, s *Server) (*metrics, error) {
 		batch: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: MetricBatchSize,
 			Help: "Items per batch handed to a model worker.", Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128}}, mv),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.total, m.queue, m.compute, m.batch, &stateCollector{s: s}} {
+	for _, c := range []prometheus.Collector{m.requests, m.total, m.queue, m.compute, m.batch, &stateCollector{s: s}, reloadCollector{s}} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

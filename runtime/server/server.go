@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -86,6 +87,11 @@ type Server struct {
 	httpAddr  string
 	grpcAddr  string
 	loadDone  chan struct{}
+
+	// mu guards models, repo.Models and each entry's versions, which hot
+	// reload (reload.go) replaces at run time; hot is its state.
+	mu  sync.RWMutex
+	hot hotState
 }
 
 type modelEntry struct {
@@ -163,6 +169,8 @@ func metadataOf(m *repository.Model, version string, versions []string) *oip.Mod
 }
 
 func (s *Server) versionsList() []*modelVersion {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
 	var out []*modelVersion
 	for _, m := range s.repo.Models {
 		out = append(out, s.models[m.Name].versions...)
@@ -171,7 +179,7 @@ func (s *Server) versionsList() []*modelVersion {
 }
 
 // Handler is the HTTP API (for tests and embedding).
-func (s *Server) Handler() http.Handler { return s.front.Handler() }
+func (s *Server) Handler() http.Handler { return s.repositoryAPI(s.front.Handler()) }
 
 // Listening is closed once the listeners are bound; HTTPAddr and GRPCAddr
 // are set then.
@@ -188,6 +196,8 @@ func (s *Server) Loaded() <-chan struct{} { return s.loadDone }
 
 // Ready reports whether every served model version is ready.
 func (s *Server) Ready() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
 	for _, m := range s.repo.Models {
 		e := s.models[m.Name]
 		if m.Err != nil {
@@ -204,12 +214,17 @@ func (s *Server) Ready() bool {
 
 // Model implements oip.Backend.
 func (s *Server) Model(name, version string) (oip.Model, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
 	e, ok := s.models[name]
 	if !ok {
 		return nil, fmt.Errorf("model %q: %w", name, inferr.ErrNotFound)
 	}
 	if e.model.Err != nil {
 		return nil, fmt.Errorf("%w: model %q failed to load: %w", inferr.ErrUnavailable, name, e.model.Err)
+	}
+	if len(e.versions) == 0 {
+		return nil, fmt.Errorf("%w: model %q has no version loaded", inferr.ErrUnavailable, name)
 	}
 	if version == "" {
 		return e.versions[len(e.versions)-1], nil
@@ -303,6 +318,7 @@ func (s *Server) Run(ctx context.Context) error {
 	// Batchers outlive the listeners so that draining requests complete.
 	batchCtx, stopBatchers := context.WithCancel(context.Background())
 	var batchers sync.WaitGroup
+	s.setLive(gctx, batchCtx, &batchers)
 	defer func() {
 		stopBatchers()
 		batchers.Wait()
@@ -317,7 +333,7 @@ func (s *Server) Run(ctx context.Context) error {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				v.load(gctx, batchCtx, &batchers)
+				v.load(gctx, s.versionCtx(v, batchCtx), &batchers)
 			}()
 		}
 		wg.Wait()
@@ -361,7 +377,9 @@ type modelVersion struct {
 	batcher *batch.Batcher
 	loadErr error
 	loadDur time.Duration
-	life    lifeHolder // lifecycle state (lifecycle.go)
+
+	life     lifeHolder   // lifecycle state (lifecycle.go)
+	inflight atomic.Int64 // requests inside Infer, for draining
 }
 
 var _ oip.Model = (*modelVersion)(nil)
@@ -387,9 +405,11 @@ func (mv *modelVersion) loadDuration() time.Duration {
 }
 
 func (mv *modelVersion) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
-	if err := mv.lifeErr(); err != nil {
+	done, err := mv.enter()
+	if err != nil {
 		return nil, err
 	}
+	defer done()
 	mv.mu.Lock()
 	b, loadErr := mv.batcher, mv.loadErr
 	mv.mu.Unlock()
