@@ -137,6 +137,11 @@ func (cl *Client) roundTrip(ctx context.Context, c *clientConn) (byte, error) {
 		if ctx.Err() != nil {
 			return 0, ctx.Err()
 		}
+		// The connection's deadline is the context's: it can fire a moment
+		// before the context notices.
+		if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+			return 0, context.DeadlineExceeded
+		}
 		return 0, fmt.Errorf("%w: %w", ErrWorkerGone, err)
 	}
 	return kind, nil
