@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -125,6 +126,9 @@ func serveConn(ctx context.Context, c net.Conn, h Handler, cfg ServerConfig) err
 		switch kind {
 		case kindInferRequest:
 			if err := serveInfer(ctx, c, r, &w, h, cfg); err != nil {
+				if isClosed(err) { // the client gave up (its deadline) and hung up
+					return nil
+				}
 				return err
 			}
 		case kindMetaRequest, kindHealthRequest:
@@ -195,5 +199,6 @@ func serveInfer(ctx context.Context, c net.Conn, r *frameReader, w *frameWriter,
 
 func isClosed(err error) bool {
 	var ne net.Error
-	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || (errors.As(err, &ne) && ne.Timeout())
+	return errors.Is(err, net.ErrClosed) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || (errors.As(err, &ne) && ne.Timeout())
 }
