@@ -63,7 +63,8 @@ type ControlPlane struct {
 	// APIServerURL is https://127.0.0.1:<port>.
 	APIServerURL string
 
-	procs []*process // in start order
+	binDir string
+	procs  []*process // in start order
 }
 
 // RequireBinaries returns the directory of the control-plane binaries: $VISIONSLICE_K8S_BIN
@@ -105,7 +106,7 @@ func Start(t testing.TB, opts Options) *ControlPlane {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cp := &ControlPlane{Dir: dir}
+	cp := &ControlPlane{Dir: dir, binDir: opts.BinDir}
 	t.Cleanup(func() {
 		cp.stop(t)
 		if err := os.RemoveAll(dir); err != nil {
@@ -127,11 +128,11 @@ func (cp *ControlPlane) start(ctx context.Context, opts Options) error {
 	if err != nil {
 		return err
 	}
-	ports, err := freePorts(4)
+	ports, err := freePorts(3)
 	if err != nil {
 		return err
 	}
-	etcdClient, etcdPeer, apiPort, schedPort := ports[0], ports[1], ports[2], ports[3]
+	etcdClient, etcdPeer, apiPort := ports[0], ports[1], ports[2]
 
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(etcdClient)
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(etcdPeer)
@@ -209,14 +210,39 @@ func (cp *ControlPlane) start(ctx context.Context, opts Options) error {
 		return nil
 	}
 
-	schedCfg, err := cp.writeSchedulerConfig(opts.Extenders)
+	cfg := map[string]any{}
+	if len(opts.Extenders) > 0 {
+		cfg["extenders"] = opts.Extenders
+	}
+	return cp.startScheduler(ctx, cfg)
+}
+
+// StartScheduler starts kube-scheduler (after Start with NoScheduler) with
+// config as its KubeSchedulerConfiguration: typically a shipped file with its
+// extender URLs pointed at the test's extender. The harness sets apiVersion,
+// kind, clientConnection and leaderElection (off).
+func (cp *ControlPlane) StartScheduler(t testing.TB, config map[string]any) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := cp.startScheduler(ctx, config); err != nil {
+		t.Fatalf("start kube-scheduler: %v", err)
+	}
+}
+
+func (cp *ControlPlane) startScheduler(ctx context.Context, config map[string]any) error {
+	ports, err := freePorts(1)
 	if err != nil {
 		return err
 	}
-	sched, err := cp.run("kube-scheduler", filepath.Join(opts.BinDir, "kube-scheduler"),
+	schedCfg, err := cp.writeSchedulerConfig(config)
+	if err != nil {
+		return err
+	}
+	sched, err := cp.run("kube-scheduler", filepath.Join(cp.binDir, "kube-scheduler"),
 		"--config="+schedCfg,
 		"--bind-address=127.0.0.1",
-		"--secure-port="+strconv.Itoa(schedPort),
+		"--secure-port="+strconv.Itoa(ports[0]),
 		"--authentication-kubeconfig="+cp.Kubeconfig,
 		"--authorization-kubeconfig="+cp.Kubeconfig,
 		"--v=2",
@@ -226,7 +252,7 @@ func (cp *ControlPlane) start(ctx context.Context, opts Options) error {
 	}
 	// The scheduler serves a self-signed certificate made in memory.
 	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // loopback, self-signed
-	return sched.waitReady(ctx, httpCheck(insecure, "https://127.0.0.1:"+strconv.Itoa(schedPort)+"/readyz", "ok"))
+	return sched.waitReady(ctx, httpCheck(insecure, "https://127.0.0.1:"+strconv.Itoa(ports[0])+"/readyz", "ok"))
 }
 
 func (cp *ControlPlane) run(name, bin string, args ...string) (*process, error) {
@@ -252,17 +278,16 @@ func (cp *ControlPlane) writeKubeconfig() (string, error) {
 }
 
 // writeSchedulerConfig writes a KubeSchedulerConfiguration (JSON is YAML):
-// the admin kubeconfig, no leader election, the given extenders.
-func (cp *ControlPlane) writeSchedulerConfig(extenders []schedconfigv1.Extender) (string, error) {
-	cfg := map[string]any{
-		"apiVersion":       "kubescheduler.config.k8s.io/v1",
-		"kind":             "KubeSchedulerConfiguration",
-		"clientConnection": map[string]any{"kubeconfig": cp.Kubeconfig, "qps": 100, "burst": 200},
-		"leaderElection":   map[string]any{"leaderElect": false},
+// base with the admin kubeconfig and no leader election.
+func (cp *ControlPlane) writeSchedulerConfig(base map[string]any) (string, error) {
+	cfg := map[string]any{}
+	for k, v := range base {
+		cfg[k] = v
 	}
-	if len(extenders) > 0 {
-		cfg["extenders"] = extenders
-	}
+	cfg["apiVersion"] = "kubescheduler.config.k8s.io/v1"
+	cfg["kind"] = "KubeSchedulerConfiguration"
+	cfg["clientConnection"] = map[string]any{"kubeconfig": cp.Kubeconfig, "qps": 100, "burst": 200}
+	cfg["leaderElection"] = map[string]any{"leaderElect": false}
 	b, err := json.MarshalIndent(cfg, "", "  ")
 	if err != nil {
 		return "", fmt.Errorf("marshal scheduler config: %w", err)

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
+	"testing"
 	"time"
 )
 
@@ -140,3 +142,45 @@ func freePorts(n int) ([]int, error) {
 }
 
 var errNotReady = errors.New("not ready")
+
+// Process is a binary a test runs beside the control plane (the extender, an
+// agent). It is stopped before the control plane (SIGTERM, then SIGKILL) and
+// its log tail is shown when the test fails.
+type Process struct{ p *process }
+
+// StartProcess starts bin with args; its output goes to <Dir>/<name>.log.
+func (cp *ControlPlane) StartProcess(t testing.TB, name, bin string, args ...string) *Process {
+	t.Helper()
+	p, err := cp.run(name, bin, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Process{p: p}
+}
+
+// WaitHTTP waits until GET url answers 200 with a body containing want.
+func (p *Process) WaitHTTP(t testing.TB, url, want string, timeout time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	if err := p.p.waitReady(ctx, httpCheck(http.DefaultClient, url, want)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Stop sends SIGTERM and waits; it reports a kill or a non-zero exit.
+func (p *Process) Stop() error {
+	if err := p.p.stop(15 * time.Second); err != nil {
+		return err
+	}
+	if p.p.err != nil {
+		return fmt.Errorf("%s: %w; log tail:\n%s", p.p.name, p.p.err, p.p.tail(2000))
+	}
+	return nil
+}
+
+// Log returns the process's output so far.
+func (p *Process) Log() string {
+	b, _ := os.ReadFile(p.p.logPath)
+	return string(b)
+}
