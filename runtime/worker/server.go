@@ -45,7 +45,9 @@ type Metadata struct {
 	LoadSeconds float64 `json:"load_seconds"`
 }
 
-// Handler is the model behind a server. Infer may be called concurrently.
+// Handler is the model behind a server. Infer may be called concurrently;
+// the inputs' memory is valid until the answer is written (outputs may
+// share it).
 type Handler interface {
 	Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error)
 	Metadata() Metadata
@@ -113,7 +115,9 @@ func Serve(ctx context.Context, ln net.Listener, h Handler, cfg ServerConfig, lo
 }
 
 func serveConn(ctx context.Context, c net.Conn, h Handler, cfg ServerConfig) error {
-	r := &frameReader{r: bufio.NewReaderSize(c, 64<<10), max: cfg.MaxFrameBytes}
+	// Inputs are dropped once answered, so their memory serves the next
+	// request on this connection (no fresh allocation, no page faults).
+	r := &frameReader{r: bufio.NewReaderSize(c, 64<<10), max: cfg.MaxFrameBytes, reuse: true}
 	var w frameWriter
 	for {
 		kind, err := r.next()

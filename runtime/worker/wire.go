@@ -178,7 +178,16 @@ type frameReader struct {
 	max  int
 	err  error
 	tmp  [8]byte
+	// reuse makes tensors() carve tensor data out of one buffer kept across
+	// frames (up to maxReuse bytes), for a reader whose tensors are dropped
+	// before it reads the next frame (the server's). scratch[:used] is taken.
+	reuse   bool
+	scratch []byte
+	used    int
 }
+
+// maxReuse bounds the buffer a server connection keeps between requests.
+const maxReuse = 64 << 20
 
 func (r *frameReader) next() (kind byte, err error) {
 	var h [5]byte
@@ -189,7 +198,7 @@ func (r *frameReader) next() (kind byte, err error) {
 	if n < 1 || n > r.max {
 		return 0, fmt.Errorf("%w: frame of %d bytes (limit %d)", errFrame, n, r.max)
 	}
-	r.left, r.err = n-1, nil
+	r.left, r.err, r.used = n-1, nil, 0
 	return h[4], nil
 }
 
@@ -274,7 +283,7 @@ func (r *frameReader) tensors() []tensor.Tensor {
 			return nil
 		}
 		if size > 0 {
-			t.Data = make([]byte, size)
+			t.Data = r.alloc(int(size))
 			if _, err := io.ReadFull(r.r, t.Data); err != nil {
 				r.fail(err)
 				return nil
@@ -284,6 +293,24 @@ func (r *frameReader) tensors() []tensor.Tensor {
 		ts = append(ts, t)
 	}
 	return ts
+}
+
+// alloc returns n bytes for tensor data: from the kept buffer when reuse
+// is on and the frame fits, else fresh.
+func (r *frameReader) alloc(n int) []byte {
+	if !r.reuse {
+		return make([]byte, n)
+	}
+	if r.used+n > len(r.scratch) {
+		need := n + r.left // at most what the rest of the frame holds
+		if r.used > 0 || need > maxReuse {
+			return make([]byte, n)
+		}
+		r.scratch = make([]byte, need)
+	}
+	b := r.scratch[r.used : r.used+n : r.used+n]
+	r.used += n
+	return b
 }
 
 // done checks that the whole frame was consumed.
