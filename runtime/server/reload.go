@@ -60,6 +60,9 @@ type hotState struct {
 	unloaded map[string]bool                      // unloaded through the API: the watcher leaves them alone
 	loads    map[[2]string]uint64                 // {model, result} -> count
 	draining int                                  // versions retired but not stopped yet
+
+	canary     map[string]canaryState    // model -> its canary (canary.go)
+	rolledBack map[string]map[int64]bool // model -> versions kept out after a rollback
 }
 
 // setLive is called by Run once the contexts exist.
@@ -118,6 +121,7 @@ func (s *Server) ReloadModel(name string) error {
 func (s *Server) LoadModel(name string) error {
 	s.mu.Lock()
 	delete(s.hot.unloaded, name)
+	delete(s.hot.rolledBack, name)
 	s.mu.Unlock()
 	return s.reload(name)
 }
@@ -194,10 +198,17 @@ func (s *Server) reload(name string) error {
 	for _, v := range md.Versions {
 		onDisk[v.Number] = true
 	}
+	s.mu.RLock()
+	rolledBack := maps(nil)
+	_, canary := s.hot.canary[name]
+	for v := range s.hot.rolledBack[name] {
+		rolledBack[v] = "rolled back"
+	}
+	s.mu.RUnlock()
 	want := map[int64]bool{}
 	var loaded []*modelVersion
 	var errs []error
-	for _, v := range md.Served() {
+	for _, v := range servedExcept(md, rolledBack) {
 		want[v.Number] = true
 		if have[v.Number] {
 			continue
@@ -222,9 +233,10 @@ func (s *Server) reload(name string) error {
 			fallback = append(fallback, mv)
 		}
 	}
-	if len(next) == 0 {
-		// Nothing the policy wants loaded: keep what served before.
-		next = fallback
+	if len(next) == 0 || canary {
+		// Nothing the policy wants loaded, or a canary runs: keep what
+		// served before.
+		next = append(next, fallback...)
 	}
 	sort.Slice(next, func(i, j int) bool { return next[i].v.Number < next[j].v.Number })
 	var retire []*modelVersion
@@ -435,7 +447,11 @@ func (s *Server) RepositoryIndex(readyOnly bool) []IndexEntry {
 	}
 	var rows []row
 	for _, m := range s.repo.Models {
-		rows = append(rows, row{s.models[m.Name], maps(s.hot.failures[m.Name]), s.hot.unloaded[m.Name]})
+		f := maps(s.hot.failures[m.Name])
+		for v := range s.hot.rolledBack[m.Name] {
+			f[v] = "canary rolled back"
+		}
+		rows = append(rows, row{s.models[m.Name], f, s.hot.unloaded[m.Name]})
 	}
 	s.mu.RUnlock()
 	out := []IndexEntry{}
@@ -503,7 +519,8 @@ func (s *Server) repositoryAPI(front http.Handler) http.Handler {
 	mux.HandleFunc("POST /v2/repository/index", s.serveIndex)
 	mux.HandleFunc("POST /v2/repository/models/{model}/load", s.serveLoad)
 	mux.HandleFunc("POST /v2/repository/models/{model}/unload", s.serveUnload)
-	return mux
+	mux.HandleFunc("POST /v2/repository/models/{model}/canary", s.serveCanary)
+	return routeVersionHeader(mux)
 }
 
 func writeJSONBody(w http.ResponseWriter, code int, v any) {
@@ -617,4 +634,18 @@ func (mv *modelVersion) loadFailed() bool {
 	mv.mu.Lock()
 	defer mv.mu.Unlock()
 	return mv.loadErr != nil
+}
+
+// servedExcept is the versions the model's policy serves, leaving out the
+// ones in out (as if they were not on disk).
+func servedExcept(md *repository.Model, out map[int64]string) []repository.Version {
+	if len(out) == 0 {
+		return md.Served()
+	}
+	c := *md
+	c.Versions = slices.DeleteFunc(slices.Clone(md.Versions), func(v repository.Version) bool { _, ok := out[v.Number]; return ok })
+	if len(c.Versions) == 0 {
+		return nil
+	}
+	return c.Served()
 }

@@ -227,7 +227,7 @@ func (s *Server) Model(name, version string) (oip.Model, error) {
 		return nil, fmt.Errorf("%w: model %q has no version loaded", inferr.ErrUnavailable, name)
 	}
 	if version == "" {
-		return e.versions[len(e.versions)-1], nil
+		return s.pickDefaultLocked(e), nil
 	}
 	for _, v := range e.versions {
 		if v.version == version {
