@@ -10,6 +10,7 @@ import (
 
 	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/nodeagent/podresources"
+	"github.com/visionslice/visionslice/test/k8s/kubelet"
 )
 
 // TestDeviceManager_AllocatesSlicesOnOneGPU: the plugin registers with the
@@ -18,22 +19,22 @@ import (
 // its environment; a request that only fits across two GPUs is refused with
 // the reason; freed slices are reused.
 func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
-	requireIsolated(t)
-	k := startKubelet(t)
+	iso.Require(t)
+	k := kubelet.Start(t)
 	n := startNode(t, "h100x2")
-	k.waitCapacity(t, 8, 8)
+	k.WaitCapacity(t, 8, 8)
 
 	a := slicePod("a", 3)
-	if err := k.admit(a); err != nil {
+	if err := k.Admit(a); err != nil {
 		t.Fatalf("admit pod a (3 slices): %v", err)
 	}
-	gpuA := gpuOf(t, k.slices(a))
-	env := k.runOptions(t, a)
+	gpuA := gpuOf(t, k.Slices(a))
+	env := k.RunOptions(t, a)
 	wantEnv := map[string]string{
 		slice.EnvVisibleDevices:   gpuA,
 		slice.EnvGPUUUID:          gpuA,
 		slice.EnvMemoryLimitBytes: strconv.FormatUint(3*sliceMiB<<20, 10),
-		slice.EnvSliceIDs:         strings.Join(k.slices(a), ","),
+		slice.EnvSliceIDs:         strings.Join(k.Slices(a), ","),
 	}
 	for name, want := range wantEnv {
 		if env[name] != want {
@@ -43,22 +44,22 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 
 	// Binpack: the GPU with 1 free slice cannot hold 3, so b takes the other.
 	b := slicePod("b", 3)
-	if err := k.admit(b); err != nil {
+	if err := k.Admit(b); err != nil {
 		t.Fatalf("admit pod b (3 slices): %v", err)
 	}
-	gpuB := gpuOf(t, k.slices(b))
+	gpuB := gpuOf(t, k.Slices(b))
 	if gpuB == gpuA {
 		t.Fatalf("pod b put on %s with pod a: only 1 slice was free there", gpuB)
 	}
-	if got := k.runOptions(t, b)[slice.EnvVisibleDevices]; got != gpuB {
+	if got := k.RunOptions(t, b)[slice.EnvVisibleDevices]; got != gpuB {
 		t.Errorf("pod b: %s = %q, want %q", slice.EnvVisibleDevices, got, gpuB)
 	}
 
 	// 2 slices are free on the node, 1 + 1: the kubelet's count fits, one GPU does not.
 	c := slicePod("c", 2)
-	err := k.admit(c)
+	err := k.Admit(c)
 	if err == nil {
-		t.Fatalf("pod c (2 slices) admitted with slices %v while free slices are split 1 + 1", k.slices(c))
+		t.Fatalf("pod c (2 slices) admitted with slices %v while free slices are split 1 + 1", k.Slices(c))
 	}
 	for _, want := range []string{"span 2 GPUs", "no GPU on this node has 2 free slices"} {
 		if !strings.Contains(err.Error(), want) {
@@ -78,11 +79,11 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 	})
 
 	// a ends: its GPU has 4 free slices again and c fits there.
-	k.remove(a)
-	if err := k.admit(c); err != nil {
+	k.Remove(a)
+	if err := k.Admit(c); err != nil {
 		t.Fatalf("admit pod c after a ended: %v", err)
 	}
-	if got := gpuOf(t, k.slices(c)); got != gpuA {
+	if got := gpuOf(t, k.Slices(c)); got != gpuA {
 		t.Errorf("pod c on %s, want %s (the GPU a freed)", got, gpuA)
 	}
 }
@@ -91,35 +92,35 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 // allocatable slices (capacity stays), allocation avoids it, and its slices
 // come back when it recovers.
 func TestDeviceManager_GPUHealth(t *testing.T) {
-	requireIsolated(t)
-	k := startKubelet(t)
+	iso.Require(t)
+	k := kubelet.Start(t)
 	n := startNode(t, "h100x2")
-	k.waitCapacity(t, 8, 8)
+	k.WaitCapacity(t, 8, 8)
 
 	if err := n.gpus.SetUnhealthy(0, "gpu_lost"); err != nil {
 		t.Fatal(err)
 	}
-	k.waitCapacity(t, 8, 4)
+	k.WaitCapacity(t, 8, 4)
 	p := slicePod("p", 4)
-	if err := k.admit(p); err != nil {
+	if err := k.Admit(p); err != nil {
 		t.Fatalf("admit 4 slices with one healthy GPU: %v", err)
 	}
-	if got, want := gpuOf(t, k.slices(p)), n.gpus.UUID(1); got != want {
+	if got, want := gpuOf(t, k.Slices(p)), n.gpus.UUID(1); got != want {
 		t.Errorf("pod on %s, want the healthy GPU %s", got, want)
 	}
 	q := slicePod("q", 1)
-	if err := k.admit(q); err == nil {
-		t.Fatalf("pod q admitted with slices %v: the only free slices are on the lost GPU", k.slices(q))
+	if err := k.Admit(q); err == nil {
+		t.Fatalf("pod q admitted with slices %v: the only free slices are on the lost GPU", k.Slices(q))
 	}
 
 	if err := n.gpus.SetHealthy(0); err != nil {
 		t.Fatal(err)
 	}
-	k.waitCapacity(t, 8, 8)
-	if err := k.admit(q); err != nil {
+	k.WaitCapacity(t, 8, 8)
+	if err := k.Admit(q); err != nil {
 		t.Fatalf("admit after the GPU recovered: %v", err)
 	}
-	if got, want := gpuOf(t, k.slices(q)), n.gpus.UUID(0); got != want {
+	if got, want := gpuOf(t, k.Slices(q)), n.gpus.UUID(0); got != want {
 		t.Errorf("pod q on %s, want the recovered GPU %s", got, want)
 	}
 }
@@ -129,36 +130,36 @@ func TestDeviceManager_GPUHealth(t *testing.T) {
 // registers again, the restarted device manager restores the running pod's
 // slices from its checkpoint, and new pods are placed around them.
 func TestDeviceManager_KubeletRestart(t *testing.T) {
-	requireIsolated(t)
-	k := startKubelet(t)
+	iso.Require(t)
+	k := kubelet.Start(t)
 	n := startNode(t, "h100x2")
-	k.waitCapacity(t, 8, 8)
+	k.WaitCapacity(t, 8, 8)
 	a := slicePod("a", 3)
-	if err := k.admit(a); err != nil {
+	if err := k.Admit(a); err != nil {
 		t.Fatal(err)
 	}
-	gpuA := gpuOf(t, k.slices(a))
-	if _, err := os.Stat(checkpointPath()); err != nil {
+	gpuA := gpuOf(t, k.Slices(a))
+	if _, err := os.Stat(kubelet.CheckpointFile); err != nil {
 		t.Fatalf("device manager wrote no checkpoint: %v", err)
 	}
 
-	k.stop()
+	k.Stop()
 	restarted := time.Now()
-	k = startKubelet(t, a)
-	k.waitCapacity(t, 8, 8)
+	k = kubelet.Start(t, a)
+	k.WaitCapacity(t, 8, 8)
 	t.Logf("plugin registered again %s after the kubelet restarted", time.Since(restarted).Round(time.Millisecond))
-	if got := gpuOf(t, k.slices(a)); got != gpuA {
+	if got := gpuOf(t, k.Slices(a)); got != gpuA {
 		t.Fatalf("after restart pod a holds slices on %s, want %s", got, gpuA)
 	}
 
 	b := slicePod("b", 4)
-	if err := k.admit(b); err != nil {
+	if err := k.Admit(b); err != nil {
 		t.Fatalf("admit 4 slices after restart: %v", err)
 	}
-	if got := gpuOf(t, k.slices(b)); got == gpuA {
+	if got := gpuOf(t, k.Slices(b)); got == gpuA {
 		t.Errorf("pod b on %s, which holds pod a's 3 slices", got)
 	}
-	if err := k.admit(slicePod("c", 2)); err == nil {
+	if err := k.Admit(slicePod("c", 2)); err == nil {
 		t.Error("pod c (2 slices) admitted with 1 slice free on the node")
 	}
 
@@ -166,7 +167,7 @@ func TestDeviceManager_KubeletRestart(t *testing.T) {
 	// as the plugin's ledger rebuild reads it.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := podresources.Dial(ctx, podResourcesSocket)
+	c, err := podresources.Dial(ctx, kubelet.PodResourcesSocket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -189,7 +190,7 @@ func TestDeviceManager_KubeletRestart(t *testing.T) {
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(waitLimit)
+	deadline := time.Now().Add(20 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)
