@@ -159,6 +159,18 @@ func filterNames(t *testing.T, h http.Handler, pod *v1.Pod, nodes ...string) ext
 	return res
 }
 
+// allFailed merges the failed and the failed-and-unresolvable nodes.
+func allFailed(r extenderv1.ExtenderFilterResult) map[string]string {
+	out := map[string]string{}
+	for k, v := range r.FailedNodes {
+		out[k] = v
+	}
+	for k, v := range r.FailedAndUnresolvableNodes {
+		out[k] = v
+	}
+	return out
+}
+
 // TestFilterPolicy runs the fit rules through the filter verb, under both
 // staleness policies.
 func TestFilterPolicy(t *testing.T) {
@@ -209,15 +221,22 @@ func TestFilterPolicy(t *testing.T) {
 			f := newFixture(t, tc.policy, onStale, onStale2)
 			setup(f)
 			res := filterNames(t, f.ext, slicePod("p", tc.n), all...)
+			failed := allFailed(res)
 			if got := strings.Join(*res.NodeNames, ","); got != strings.Join(tc.pass, ",") {
-				t.Errorf("passed %s, want %s (failed: %v)", got, strings.Join(tc.pass, ","), res.FailedNodes)
+				t.Errorf("passed %s, want %s (failed: %v)", got, strings.Join(tc.pass, ","), failed)
 			}
-			if len(res.FailedNodes) != len(all)-len(tc.pass) {
-				t.Errorf("failed nodes %v", res.FailedNodes)
+			if len(failed) != len(all)-len(tc.pass) {
+				t.Errorf("failed nodes %v", failed)
 			}
 			for node, want := range tc.why {
-				if !strings.Contains(res.FailedNodes[node], want) {
-					t.Errorf("node %s: reason %q does not say %q", node, res.FailedNodes[node], want)
+				if !strings.Contains(failed[node], want) {
+					t.Errorf("node %s: reason %q does not say %q", node, failed[node], want)
+				}
+			}
+			// Preemption cannot bring metrics back; it can free slices.
+			for node := range res.FailedAndUnresolvableNodes {
+				if node != "stale" && node != "unknown" {
+					t.Errorf("node %s marked unresolvable: %q", node, res.FailedAndUnresolvableNodes[node])
 				}
 			}
 		})
@@ -428,8 +447,8 @@ func TestFilterNodesForm(t *testing.T) {
 	if res.NodeNames != nil || res.Nodes == nil || len(res.Nodes.Items) != 1 || res.Nodes.Items[0].Labels["k"] != "v" {
 		t.Fatalf("nodes %+v", res.Nodes)
 	}
-	if !strings.Contains(res.FailedNodes["ghost"], "no metrics") || !strings.Contains(res.FailedNodes["full"], "free per gpu: 0") {
-		t.Fatalf("failed %v", res.FailedNodes)
+	if !strings.Contains(res.FailedAndUnresolvableNodes["ghost"], "no metrics") || !strings.Contains(res.FailedNodes["full"], "free per gpu: 0") {
+		t.Fatalf("failed %v, unresolvable %v", res.FailedNodes, res.FailedAndUnresolvableNodes)
 	}
 }
 
@@ -539,8 +558,9 @@ func TestExtenderScrapesAgent(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if r := filterNames(t, ext, slicePod("p", 81), "node-1"); !strings.Contains(r.FailedNodes["node-1"], "free per gpu: 80, 80") {
-		t.Fatalf("81 slices: %v", r.FailedNodes)
+	// 81 slices exceed any GPU's capacity: preemption cannot help.
+	if r := filterNames(t, ext, slicePod("p", 81), "node-1"); !strings.Contains(r.FailedAndUnresolvableNodes["node-1"], "free per gpu: 80, 80") {
+		t.Fatalf("81 slices: %v %v", r.FailedNodes, r.FailedAndUnresolvableNodes)
 	}
 	rec := httptest.NewRecorder()
 	ext.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))

@@ -129,6 +129,7 @@ func (e *Extender) filter(_ context.Context, r *http.Request) (int, any) {
 	}
 	n := fit.PodSlices(args.Pod)
 	failed := extenderv1.FailedNodesMap{}
+	unresolvable := extenderv1.FailedNodesMap{}
 	pass := make([]string, 0, len(names))
 	now := e.now()
 	var buf []fit.GPU
@@ -137,16 +138,18 @@ func (e *Extender) filter(_ context.Context, r *http.Request) (int, any) {
 			pass = append(pass, name) // not ours to judge
 			continue
 		}
-		var ok bool
-		var reason string
-		ok, reason, buf = e.fits(name, n, now, buf)
-		if ok {
+		var v verdict
+		v, buf = e.fits(name, n, now, buf)
+		switch {
+		case v.ok:
 			pass = append(pass, name)
-			continue
+		case v.resolvable:
+			failed[name] = v.reason
+		default:
+			unresolvable[name] = v.reason
 		}
-		failed[name] = reason
 	}
-	res := &extenderv1.ExtenderFilterResult{FailedNodes: failed}
+	res := &extenderv1.ExtenderFilterResult{FailedNodes: failed, FailedAndUnresolvableNodes: unresolvable}
 	if args.NodeNames != nil {
 		res.NodeNames = &pass
 	} else {
@@ -165,22 +168,29 @@ func (e *Extender) filter(_ context.Context, r *http.Request) (int, any) {
 	return http.StatusOK, res
 }
 
-// fits reports whether n slices fit on node now, and why not. It returns
-// buf for reuse.
-func (e *Extender) fits(node string, n int, now time.Time, buf []fit.GPU) (bool, string, []fit.GPU) {
+// verdict is filter's answer for one node. A node that fails is resolvable
+// when preempting pods there could make room; otherwise (no usable metrics,
+// no healthy GPU big enough) kube-scheduler need not try preemption on it.
+type verdict struct {
+	ok, resolvable bool
+	reason         string
+}
+
+// fits judges n slices on node now. It returns buf for reuse.
+func (e *Extender) fits(node string, n int, now time.Time, buf []fit.GPU) (verdict, []fit.GPU) {
 	st := e.state(node, now, buf)
 	if !st.known {
 		if e.cfg.Staleness.Policy == FailOpen {
-			return true, "", st.gpus
+			return verdict{ok: true}, st.gpus
 		}
 		e.metrics.filtered.WithLabelValues(reasonNoMetrics).Inc()
-		return false, st.reason, st.gpus
+		return verdict{reason: st.reason}, st.gpus
 	}
 	if _, ok, reason := fit.Place(st.gpus, n, e.cfg.Strategy, e.weights, extenderv1.MaxExtenderPriority); !ok {
 		e.metrics.filtered.WithLabelValues(reasonNoFit).Inc()
-		return false, reason, st.gpus
+		return verdict{reason: reason, resolvable: fit.Resolvable(st.gpus, n)}, st.gpus
 	}
-	return true, "", st.gpus
+	return verdict{ok: true}, st.gpus
 }
 
 func (e *Extender) prioritize(_ context.Context, r *http.Request) (int, any) {

@@ -156,6 +156,19 @@ func Place(gpus []GPU, n int, s Strategy, w Weights, maxScore int64) (c Choice, 
 	return Choice{GPU: g, Score: score(g, n, s, w, maxScore)}, true, ""
 }
 
+// Resolvable reports whether n slices could fit on one of gpus if pods
+// holding slices there went away: a healthy GPU whose capacity, less what
+// unaccounted memory eats, is at least n. When it is false, preempting pods
+// on the node cannot help.
+func Resolvable(gpus []GPU, n int) bool {
+	for i := range gpus {
+		if gpus[i].Healthy && gpus[i].Capacity-gpus[i].EatenByUnaccounted() >= n {
+			return true
+		}
+	}
+	return false
+}
+
 // better breaks ties between GPUs with equal free slices: more headroom, then
 // less utilisation, then the lower index, so a choice is deterministic.
 func better(a, b *GPU) bool {

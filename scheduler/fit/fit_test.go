@@ -157,3 +157,32 @@ func TestPodSlices(t *testing.T) {
 		})
 	}
 }
+
+func TestResolvable(t *testing.T) {
+	t.Parallel()
+	sick := gpu(0, 8, 0)
+	sick.Healthy = false
+	eaten := gpu(1, 8, 0)
+	eaten.UnaccountedBytes = 5 * gib
+	tests := []struct {
+		name string
+		gpus []GPU
+		n    int
+		want bool
+	}{
+		{"full gpu could be emptied", []GPU{gpu(0, 8, 8)}, 4, true},
+		{"request above any capacity", []GPU{gpu(0, 8, 0), gpu(1, 8, 0)}, 9, false},
+		{"only unhealthy gpus", []GPU{sick}, 1, false},
+		{"outside memory is not preemptible", []GPU{eaten}, 4, false},
+		{"outside memory leaves three", []GPU{eaten}, 3, true},
+		{"no gpus", nil, 1, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := Resolvable(tc.gpus, tc.n); got != tc.want {
+				t.Fatalf("Resolvable = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
