@@ -23,7 +23,7 @@ const (
 	StateFailed     = "failed_over_quota"
 )
 
-var allStates = []string{StateServing, StateRecovering, StateFailed}
+var allStates = []string{server.StateLoading, StateServing, StateRecovering, StateFailed, server.StateLoadFailed}
 
 // ReasonOverrun is the restart reason given to the supervisor.
 const ReasonOverrun = "gpu_memory_overrun"

@@ -2,6 +2,8 @@ package lifecycle
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/visionslice/visionslice/runtime/server"
 )
 
 // Metric names of the model lifecycle.
@@ -17,7 +19,7 @@ type metrics struct {
 }
 
 var (
-	descState = prometheus.NewDesc(MetricModelState, "1 for the lifecycle state a model version is in (serving, recovering, failed_over_quota), 0 for the others.",
+	descState = prometheus.NewDesc(MetricModelState, "1 for the lifecycle state a model version is in (loading, serving, recovering, failed_over_quota, load_failed), 0 for the others.",
 		[]string{"model", "version", "state"}, nil)
 	descOverruns = prometheus.NewDesc(MetricOverruns, "GPU memory overruns of a model version's workers (each one replaced the worker or failed the version).",
 		[]string{"model", "version"}, nil)
@@ -51,9 +53,13 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	defer c.m.mu.Unlock()
 	for _, vs := range c.m.syncLocked() {
 		model, version := vs.h.Model(), vs.h.Version()
+		state := vs.state
+		if st := vs.h.State(); state == StateServing && st != nil && (st.State == server.StateLoading || st.State == server.StateLoadFailed) {
+			state = st.State
+		}
 		for _, s := range allStates {
 			v := 0.0
-			if s == vs.state {
+			if s == state {
 				v = 1
 			}
 			ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, v, model, version, s)

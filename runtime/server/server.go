@@ -428,6 +428,7 @@ func (mv *modelVersion) load(ctx, batchCtx context.Context, batchers *sync.WaitG
 	logger := mv.s.logger.With("model", mv.name, "version", mv.version)
 	start := time.Now()
 	logger.Info("model loading", "path", mv.v.Path)
+	defer mv.trackLoad(logger, start)()
 	pool, err := mv.s.deps.NewPool(mv.model, mv.v, logger)
 	if err == nil {
 		mv.mu.Lock()
