@@ -7,11 +7,8 @@ package scheduling_test
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,18 +19,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"sigs.k8s.io/yaml"
 
 	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/test/k8s/controlplane"
-	"github.com/visionslice/visionslice/test/k8s/gobuild"
+	"github.com/visionslice/visionslice/test/k8s/stack"
 )
 
-const (
-	manifestsDir = "../../../manifests/scheduler"
-	schedulerFor = "visionslice-scheduler" // the profile of the shipped KubeSchedulerConfiguration
-	sliceBytes   = 1 << 30
-)
+const sliceBytes = 1 << 30
 
 // gpuState is what a simulated agent reports for one GPU.
 type gpuState struct {
@@ -102,84 +94,9 @@ func (a *agent) serve(w http.ResponseWriter, r *http.Request) {
 	promhttp.HandlerFor(reg, promhttp.HandlerOpts{}).ServeHTTP(w, r)
 }
 
-// readYAML reads a shipped config file into a generic map.
-func readYAML(t *testing.T, name string) map[string]any {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(manifestsDir, name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var m map[string]any
-	if err := yaml.Unmarshal(b, &m); err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	return m
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
-// startExtender runs cmd/visionslice-scheduler with the shipped scheduler.yaml,
-// changed only where a test must: listen address, key file, scrape interval
-// and static targets in place of pod discovery.
-func startExtender(t *testing.T, cp *controlplane.ControlPlane, key []byte, targets map[string]string) (url string, p *controlplane.Process) {
-	t.Helper()
-	dir := t.TempDir()
-	keyFile := filepath.Join(dir, "key")
-	if err := os.WriteFile(keyFile, key, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := readYAML(t, "scheduler.yaml")
-	addr := freeAddr(t)
-	cfg["listen"] = addr
-	cfg["assignmentKeyFile"] = keyFile
-	scrape, _ := cfg["scrape"].(map[string]any)
-	if scrape == nil {
-		scrape = map[string]any{}
-	}
-	scrape["interval"] = "200ms"
-	cfg["scrape"] = scrape
-	cfg["targets"] = map[string]any{"static": targets}
-	b, err := yaml.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgFile := filepath.Join(dir, "scheduler.yaml")
-	if err := os.WriteFile(cfgFile, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	bin := gobuild.Command(t, "visionslice-scheduler")
-	p = cp.StartProcess(t, "visionslice-scheduler", bin, "--config="+cfgFile, "--kubeconfig="+cp.Kubeconfig, "--log-level=debug")
-	url = "http://" + addr
-	p.WaitHTTP(t, url+"/readyz", "", time.Minute)
-	return url, p
-}
-
-// schedulerConfig is the shipped KubeSchedulerConfiguration with its
-// extenders pointed at the test's extender.
-func schedulerConfig(t *testing.T, extenderURL string) map[string]any {
-	t.Helper()
-	cfg := readYAML(t, "kube-scheduler-config.yaml")
-	exts, _ := cfg["extenders"].([]any)
-	if len(exts) == 0 {
-		t.Fatal("kube-scheduler-config.yaml has no extenders")
-	}
-	for _, e := range exts {
-		e.(map[string]any)["urlPrefix"] = extenderURL + "/"
-	}
-	return cfg
-}
-
 func slicePod(name string, n int64) *corev1.Pod {
 	p := controlplane.SlicePod(name, slice.ResourceName, n)
-	p.Spec.SchedulerName = schedulerFor
+	p.Spec.SchedulerName = stack.SchedulerProfile
 	return p
 }
 
@@ -223,8 +140,8 @@ func TestScheduler_ExtenderPlacesSlicesOnOneGPU(t *testing.T) {
 	cp.CreateNamespace(t, ns)
 
 	key := []byte("visionslice-test-assignment-key-0123456789")
-	extURL, ext := startExtender(t, cp, key, targets)
-	cp.StartScheduler(t, schedulerConfig(t, extURL))
+	extURL, ext := stack.StartExtender(t, cp, stack.Extender{Key: key, Targets: targets})
+	cp.StartScheduler(t, stack.SchedulerConfig(t, extURL))
 
 	pods := cp.Client.CoreV1().Pods(ns)
 	first, err := pods.Create(ctx, slicePod("first", 4), metav1.CreateOptions{})
