@@ -210,4 +210,3 @@ func equal(a, b map[string]int) bool {
 	}
 	return true
 }
-
