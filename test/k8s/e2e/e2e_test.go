@@ -3,24 +3,34 @@
 // binary scraping the agent; the visionslice-agent binary on simulated GPUs,
 // its device plugin registered with the kubelet's own device manager (driven
 // by the test, which publishes the node's slices the way the kubelet does);
-// and the handoff from the extender's signed GPU record to the device
-// plugin's allocation. It runs in a private mount namespace (root) so the
-// kubelet's real socket paths are used.
+// the handoff from the extender's signed GPU record to the device plugin's
+// allocation; and the agent's enforcement of a scripted overrun (real cgroup
+// v2 freeze, an Event on the pod). It runs in a private mount namespace
+// (root) so the kubelet's real socket paths are used.
 package e2e_test
 
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/common/expfmt"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/visionslice/visionslice/deviceplugin/slice"
+	"github.com/visionslice/visionslice/nodeagent/cgroup"
+	"github.com/visionslice/visionslice/nodeagent/cgroup/cgrouptest"
 	"github.com/visionslice/visionslice/scheduler/scrape"
 	"github.com/visionslice/visionslice/test/k8s/controlplane"
 	"github.com/visionslice/visionslice/test/k8s/gobuild"
@@ -44,7 +54,8 @@ const (
 // slices on exactly the GPU in the extender's signed record (the plugin's own
 // binpack would have stacked the first two), the container's environment
 // names that GPU and its memory limit, and the agent's metrics report the
-// allocated slices per GPU.
+// allocated slices per GPU. Then the first pod's container overruns its slice
+// and the agent freezes it and records an Event on the pod.
 func TestEndToEnd_PodsGetTheGPUTheSchedulerChose(t *testing.T) {
 	iso.Require(t)
 	cp := controlplane.Start(t, controlplane.Options{BinDir: controlplane.RequireBinaries(t), NoScheduler: true})
@@ -58,12 +69,19 @@ func TestEndToEnd_PodsGetTheGPUTheSchedulerChose(t *testing.T) {
 	// plugin and the handoff reading records from the API server.
 	k := kubelet.Start(t)
 	metricsAddr := stack.FreeAddr(t)
+	logs := t.TempDir() // the kubelet's /var/log/pods and /var/log/containers
+	for _, d := range []string{"pods", "containers"} {
+		if err := os.MkdirAll(filepath.Join(logs, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	agentCfg := fmt.Sprintf(`version: v1
 nodeName: %s
 shutdownTimeout: 5s
 gpu:
   backend: sim:h100x2
   pollInterval: 100ms
+  simDebug: true
 metrics:
   listen: %q
 devicePlugin:
@@ -72,9 +90,22 @@ devicePlugin:
   reconcileInterval: 200ms
 handoff:
   enabled: true
-  kubeAPI: %s
-  assignmentKeyFile: %s
-`, nodeName, metricsAddr, sliceMiB, cp.Kubeconfig, stack.WriteFile(t, "key", key))
+  kubeAPI: %[4]s
+  assignmentKeyFile: %[5]s
+enforcement:
+  enabled: true
+  kubeAPI: %[4]s
+  accounting:
+    sliceBytes: %[6]d
+    podLogsDir: %[7]s/pods
+    containerLogsDir: %[7]s/containers
+    refreshInterval: 200ms
+  policy:
+    defaultAction: freeze
+    allowedActions: [observe, freeze]
+    gracePeriod: 10m
+    checkInterval: 100ms
+`, nodeName, metricsAddr, sliceMiB, cp.Kubeconfig, stack.WriteFile(t, "key", key), uint64(sliceMiB)<<20, logs)
 	agent := cp.StartProcess(t, "visionslice-agent", gobuild.Command(t, "visionslice-agent"),
 		"--config="+stack.WriteFile(t, "agent.yaml", []byte(agentCfg)))
 	metricsURL := "http://" + metricsAddr + "/metrics"
@@ -91,6 +122,7 @@ handoff:
 
 	held := map[string]int{} // slices per GPU, as placed
 	var gpus []string
+	placed := map[string]*corev1.Pod{}
 	for _, step := range []struct {
 		name   string
 		slices int64
@@ -123,6 +155,7 @@ handoff:
 			t.Errorf("pod %s: container env %s=%q %s=%q, want %s and %d slices' bytes", step.name,
 				slice.EnvVisibleDevices, env[slice.EnvVisibleDevices], slice.EnvMemoryLimitBytes, env[slice.EnvMemoryLimitBytes], rec.GPU, step.slices)
 		}
+		placed[step.name] = bound
 		held[rec.GPU] += int(step.slices)
 		gpus = append(gpus, rec.GPU)
 		t.Logf("pod %s (%d slices): scheduler chose %s, device manager allocated %v", step.name, step.slices, rec.GPU, k.Slices(bound))
@@ -144,12 +177,123 @@ handoff:
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	t.Run("overrun", func(t *testing.T) {
+		overrun(ctx, t, cp, placed["first"], logs, "http://"+metricsAddr)
+	})
+
 	if err := ext.Stop(); err != nil {
 		t.Errorf("extender: %v", err)
 	}
 	if err := agent.Stop(); err != nil {
 		t.Errorf("agent: %v", err)
 	}
+}
+
+// overrun makes a process the container "infer" of pod (1 slice), has the
+// simulated GPU report it using 1.5 slices' memory, and expects the agent to
+// apply the configured action (freeze) to its cgroup and record a Warning
+// Event on the pod.
+func overrun(ctx context.Context, t *testing.T, cp *controlplane.ControlPlane, pod *corev1.Pod, logs, agentURL string) {
+	pid, group := startContainer(t, pod, logs)
+	gpuUUID := pod.Annotations[slice.AnnotationAssignedGPU]
+	index := -1
+	gpus, err := scrapeAgent(ctx, agentURL+"/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range gpus {
+		if g.UUID == gpuUUID {
+			index = g.Index
+		}
+	}
+	if index < 0 {
+		t.Fatalf("agent does not report GPU %s", gpuUUID)
+	}
+	body := fmt.Sprintf(`{"usedMiB": %d, "kind": "compute"}`, sliceMiB*3/2)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut,
+		fmt.Sprintf("%s/debug/sim/gpus/%d/processes/%d", agentURL, index, pid), strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		t.Fatalf("script the simulated GPU: %s", resp.Status)
+	}
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		events, err := cp.Client.CoreV1().Events(pod.Namespace).List(ctx, metav1.ListOptions{
+			FieldSelector: "involvedObject.name=" + pod.Name + ",reason=GPUMemoryOverQuotaFrozen"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, serr := group.Stats()
+		if len(events.Items) > 0 && serr == nil && st.Frozen {
+			ev := events.Items[0]
+			t.Logf("agent froze the container and recorded %s %s: %s", ev.Type, ev.Reason, ev.Message)
+			if ev.Type != corev1.EventTypeWarning || ev.Source.Component != "visionslice-agent" || ev.InvolvedObject.UID != pod.UID {
+				t.Errorf("event %+v: want a Warning from visionslice-agent about pod UID %s", ev, pod.UID)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no freeze and Event for the overrun of pod %s (events %d, frozen %v, stats err %v)", pod.Name, len(events.Items), st.Frozen, serr)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// startContainer runs a sleep as the container "infer" of pod: in a cgroup v2
+// group named as the kubelet's systemd driver names a containerd container
+// (below a test group; skips where cgroup v2 is not writable), with the
+// kubelet's log folder and link that name the container.
+func startContainer(t *testing.T, pod *corev1.Pod, logs string) (int, cgroup.Group) {
+	t.Helper()
+	m := cgrouptest.Manager(t)
+	probe, err := m.Create("probe", cgroup.Limits{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent := filepath.Dir(probe.Path())
+	if err := probe.Delete(); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(pod.UID))
+	ctrID := hex.EncodeToString(sum[:])
+	rel := filepath.Join(strings.TrimPrefix(strings.TrimPrefix(parent, m.Root()), "/"), "kubepods.slice", "kubepods-burstable.slice",
+		"kubepods-burstable-pod"+strings.ReplaceAll(string(pod.UID), "-", "_")+".slice", "cri-containerd-"+ctrID+".scope")
+	if err := os.MkdirAll(filepath.Join(m.Root(), rel), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	g, err := m.Open(rel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "600")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = g.Delete()
+		_ = cmd.Wait()
+	})
+	if err := g.AddProc(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	ctr := pod.Spec.Containers[0].Name
+	if err := os.MkdirAll(filepath.Join(logs, "pods", pod.Namespace+"_"+pod.Name+"_"+string(pod.UID), ctr), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(logs, "containers", pod.Name+"_"+pod.Namespace+"_"+ctr+"-"+ctrID+".log")
+	if err := os.Symlink("../pods/x", link); err != nil {
+		t.Fatal(err)
+	}
+	return cmd.Process.Pid, g
 }
 
 func gpuOf(t *testing.T, ids []string) string {
@@ -171,8 +315,23 @@ func gpuOf(t *testing.T, ids []string) string {
 	return gpu
 }
 
-// allocatedPerGPU scrapes the agent and parses it with the extender's parser.
+// allocatedPerGPU returns the agent's allocated slices per GPU.
 func allocatedPerGPU(ctx context.Context, url string) (map[string]int, error) {
+	gpus, err := scrapeAgent(ctx, url)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	for _, g := range gpus {
+		if g.Allocated > 0 {
+			out[g.UUID] = g.Allocated
+		}
+	}
+	return out, nil
+}
+
+// scrapeAgent scrapes the agent and parses it with the extender's parser.
+func scrapeAgent(ctx context.Context, url string) ([]scrape.GPU, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, err
@@ -187,16 +346,7 @@ func allocatedPerGPU(ctx context.Context, url string) (map[string]int, error) {
 		return nil, err
 	}
 	gpus, _, err := scrape.Parse(bytes.NewReader(body), expfmt.NewFormat(expfmt.TypeTextPlain), time.Now())
-	if err != nil {
-		return nil, err
-	}
-	out := map[string]int{}
-	for _, g := range gpus {
-		if g.Allocated > 0 {
-			out[g.UUID] = g.Allocated
-		}
-	}
-	return out, nil
+	return gpus, err
 }
 
 func equal(a, b map[string]int) bool {
