@@ -36,6 +36,8 @@ type Source interface {
 // Snapshots is the GPU seam (*gpu.Poller).
 type Snapshots interface {
 	Subscribe() (<-chan *gpu.Snapshot, func())
+	// Snapshot is the latest (nil before the first poll).
+	Snapshot() *gpu.Snapshot
 }
 
 // Pool is what the manager needs of a model version's workers
@@ -126,6 +128,9 @@ func (m *Manager) Run(ctx context.Context) error {
 			m.Check(s)
 		case <-tick.C:
 			m.Reconfigure()
+			// Snapshots come only when usage changes: look again at the
+			// latest, for workers that started after an overrun began.
+			m.Check(m.gpus.Snapshot())
 		}
 	}
 }
