@@ -106,6 +106,8 @@ func DefaultConfig() Config {
 
 		DevicePlugin: deviceplugin.DefaultConfig(),
 		Runtime:      server.DefaultConfig(),
+		// The lifecycle manager runs whenever the runtime does.
+		Lifecycle: lifecycle.Config{Enabled: true},
 	}
 }
 
