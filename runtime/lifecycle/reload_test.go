@@ -265,3 +265,43 @@ func TestRepositoryAPI(t *testing.T) {
 		}
 	}
 }
+
+// TestHotReloadNewModel: a model directory that appears is served once
+// its files are complete; a model whose config is wrong is listed with the
+// reason and fixed by rewriting the config.
+func TestHotReloadNewModel(t *testing.T) {
+	h := start(t, 1, 0, reloadConfig())
+	root := filepath.Join(h.repo, "sub")
+	writeFile(t, filepath.Join(root, "config.yaml"), []byte(strings.Replace(addConfig, "instances: %d\nslices: %d\n", "colour: red\n", 1)))
+	writeFile(t, filepath.Join(root, "1", "model.onnx"), addModel(t))
+	h.waitFor("the bad config to be reported", func() bool {
+		for _, e := range h.index() {
+			if e.Name == "sub" && e.State == "UNAVAILABLE" && strings.Contains(e.Reason, "colour") {
+				return true
+			}
+		}
+		return false
+	})
+	if code, msg := h.infer(); code != 200 {
+		t.Fatalf("add while sub is broken: %d %s", code, msg)
+	}
+	writeFile(t, filepath.Join(root, "config.yaml"), fmt.Appendf(nil, addConfig, 1, 0))
+	h.waitFor("sub to serve", func() bool {
+		for _, e := range h.index() {
+			if e.Name == "sub" && e.Version == "1" && e.State == "READY" {
+				return true
+			}
+		}
+		return false
+	})
+	sub := &harness{t: t, http: h.http, client: h.client, path: "/v2/models/sub/infer", ctype: h.ctype, body: h.body, want: h.want}
+	if code, msg := sub.infer(); code != 200 {
+		t.Fatalf("sub: %d %s", code, msg)
+	}
+	// Removing the directory removes the model.
+	if err := os.RemoveAll(root); err != nil {
+		t.Fatal(err)
+	}
+	h.waitFor("sub to go", func() bool { code, _ := sub.infer(); return code == 404 })
+	h.srv.WaitDrained()
+}
