@@ -492,7 +492,7 @@ func TestRepeatedOverrunFailsThenRecovers(t *testing.T) {
 	if md.State != lifecycle.StateFailed || !strings.Contains(md.StateReason, "over quota") || !strings.Contains(md.StateReason, "3 overruns") {
 		t.Fatalf("metadata: %+v", md)
 	}
-	if code, msg := h.infer(); code != 503 || !strings.Contains(msg, "not ready") {
+	if code, msg := h.infer(); code != 503 || !strings.Contains(msg, "failed_over_quota: over quota") {
 		t.Fatalf("infer while failed: %d %s", code, msg)
 	}
 	if got := h.metric(lifecycle.MetricModelState, "model", "add", "state", lifecycle.StateFailed); got != 1 {

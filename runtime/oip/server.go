@@ -100,7 +100,11 @@ func (s *Server) infer(ctx context.Context, name, version string, inputs []tenso
 
 func (s *Server) inferModel(ctx context.Context, m Model, md *ModelMetadata, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
 	if !m.Ready() {
-		return nil, &inferr.RetryAfter{Msg: "model " + md.Name + " version " + md.Version + " is not ready", After: time.Second}
+		msg := "model " + md.Name + " version " + md.Version + " is not ready"
+		if md.StateReason != "" {
+			msg += " (" + md.State + ": " + md.StateReason + ")"
+		}
+		return nil, &inferr.RetryAfter{Msg: msg, After: time.Second}
 	}
 	inputs, outputs, err := validate(md, inputs, outputs)
 	if err != nil {
