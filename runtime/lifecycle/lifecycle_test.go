@@ -406,6 +406,17 @@ func (h *harness) overrunUnderLoad(instances, clients int, settle time.Duration)
 	if !zombieOrGone(before.PID) {
 		t.Errorf("overrunning worker %d still runs", before.PID)
 	}
+	if before.CgroupPath != "" {
+		// Killed with its whole cgroup, which is gone; the fresh worker has its own.
+		if _, err := os.Stat(before.CgroupPath); err == nil {
+			t.Errorf("cgroup %s of the killed worker is still there", before.CgroupPath)
+		}
+		if after.CgroupPath == "" || after.CgroupPath == before.CgroupPath {
+			t.Errorf("fresh worker's cgroup %q", after.CgroupPath)
+		}
+	} else {
+		t.Log("workers ran without cgroups of their own")
+	}
 	if instances > 1 && h.pool().Instances()[1].PID != otherPID {
 		t.Errorf("the other instance was restarted too")
 	}
