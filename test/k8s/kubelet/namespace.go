@@ -31,17 +31,27 @@ type Isolation struct {
 func RunIsolated(m *testing.M, iso *Isolation) {
 	if os.Getenv(childEnv) != "" {
 		if err := mountPrivateDir(); err != nil {
-			fmt.Fprintf(os.Stderr, "kubelet namespace: %v\n", err)
-			os.Exit(1)
+			if !errors.Is(err, syscall.EPERM) {
+				fmt.Fprintf(os.Stderr, "kubelet namespace: %v\n", err)
+				os.Exit(1)
+			}
+			iso.skipReason = "the kubelet tier cannot mount over " + Dir + " here: " + err.Error()
+		} else {
+			iso.isolated = true
 		}
-		iso.isolated = true
 		os.Exit(m.Run())
 	}
 	if os.Geteuid() != 0 {
 		iso.skipReason = "the kubelet tier needs root (a private mount namespace over " + Dir + ")"
 		os.Exit(m.Run())
 	}
-	os.Exit(rerun())
+	code, err := rerun()
+	if err != nil {
+		// No mount namespace for us (root without CAP_SYS_ADMIN, seccomp).
+		iso.skipReason = "the kubelet tier needs a private mount namespace: " + err.Error()
+		os.Exit(m.Run())
+	}
+	os.Exit(code)
 }
 
 // Require skips the test outside the private namespace.
@@ -52,11 +62,11 @@ func (iso *Isolation) Require(t testing.TB) {
 	}
 }
 
-func rerun() int {
+// rerun returns the re-run's exit code, or an error when it could not start.
+func rerun() (int, error) {
 	if _, err := os.Stat(Dir); errors.Is(err, os.ErrNotExist) {
 		if err := os.MkdirAll(Dir, 0o755); err != nil {
-			fmt.Fprintf(os.Stderr, "kubelet namespace: create mount point: %v\n", err)
-			return 1
+			return 0, fmt.Errorf("create mount point: %w", err)
 		}
 		defer os.Remove(Dir) // only if empty: never a real kubelet's folder
 	}
@@ -67,12 +77,11 @@ func rerun() int {
 	if err := cmd.Run(); err != nil {
 		var exit *exec.ExitError
 		if errors.As(err, &exit) {
-			return exit.ExitCode()
+			return exit.ExitCode(), nil
 		}
-		fmt.Fprintf(os.Stderr, "kubelet namespace: run in a private mount namespace: %v\n", err)
-		return 1
+		return 0, fmt.Errorf("run in a private mount namespace: %w", err)
 	}
-	return 0
+	return 0, nil
 }
 
 func mountPrivateDir() error {
