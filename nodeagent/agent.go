@@ -26,11 +26,13 @@ import (
 	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/deviceplugin/handoff"
 	"github.com/visionslice/visionslice/nodeagent/accounting"
+	"github.com/visionslice/visionslice/nodeagent/cgroup"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 	"github.com/visionslice/visionslice/runtime/lifecycle"
 	"github.com/visionslice/visionslice/runtime/server"
+	"github.com/visionslice/visionslice/runtime/supervisor"
 )
 
 // Version is set at build time with -ldflags.
@@ -84,6 +86,7 @@ func WithNVML(lib nvml.Interface) Option { return func(o *options) { o.nvml = li
 
 // New builds the agent. On error, whatever was opened is closed again.
 func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) (_ *Agent, err error) {
+	cfg.deriveSliceBytes(logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid config: %w", err)
 	}
@@ -181,14 +184,16 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			return nil, fmt.Errorf("device plugin: %w", err)
 		}
 		a.add("deviceplugin", dp.Run)
-		if b := uint64(dp.Config().SliceMiB) << 20; cfg.Enforcement.Enabled && cfg.Enforcement.Accounting.SliceBytes != b {
-			logger.Warn("devicePlugin.sliceMiB and enforcement.accounting.sliceBytes differ; limits will not match slices",
-				"device_plugin_slice_bytes", b, "accounting_slice_bytes", cfg.Enforcement.Accounting.SliceBytes)
-		}
 	}
 
 	if cfg.Runtime.Enabled {
-		rt, err := server.New(cfg.Runtime, server.Deps{GPUs: a.poller, Registerer: a.reg, Version: Version}, logger.With("component", "runtime"))
+		deps := server.Deps{GPUs: a.poller, Registerer: a.reg, Version: Version}
+		if groups, err := workerCgroups(cfg.Enforcement.CgroupRoot, logger); err != nil {
+			logger.Warn("model workers run without cgroups of their own: an overrun kills the worker's process group instead", "err", err)
+		} else {
+			deps.Groups = groups
+		}
+		rt, err := server.New(cfg.Runtime, deps, logger.With("component", "runtime"))
 		if err != nil {
 			return nil, fmt.Errorf("runtime: %w", err)
 		}
@@ -208,11 +213,7 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			})
 		}
 		if cfg.Lifecycle.Enabled {
-			lc := cfg.Lifecycle
-			if lc.SliceBytes == 0 && cfg.DevicePlugin.Enabled {
-				lc.SliceBytes = uint64(cfg.DevicePlugin.WithDefaults().SliceMiB) << 20
-			}
-			life, err := lifecycle.New(lc, rt, a.poller, a.reg, logger.With("component", "lifecycle"))
+			life, err := lifecycle.New(cfg.Lifecycle, rt, a.poller, a.reg, logger.With("component", "lifecycle"))
 			if err != nil {
 				return nil, fmt.Errorf("lifecycle: %w", err)
 			}
@@ -291,6 +292,7 @@ func (a *Agent) serveSnapshot(w http.ResponseWriter, _ *http.Request) {
 // Reload applies a new configuration: live fields take effect at once, the
 // names of other changed fields are returned as needing a restart.
 func (a *Agent) Reload(cfg Config) ([]string, error) {
+	cfg.deriveSliceBytes(a.logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid config: %w", err)
 	}
@@ -371,6 +373,26 @@ func (a *Agent) close() {
 		a.closers[i]()
 	}
 	a.closers = nil
+}
+
+// workerCgroups gives each model worker a cgroup of its own under
+// <root>/visionslice, root being the enforcement's cgroup v2 hierarchy (found
+// as enforcement does when unset).
+func workerCgroups(root string, logger *slog.Logger) (supervisor.Groups, error) {
+	roots := []string{root}
+	if root == "" {
+		roots = []string{cgroup.DefaultRoot, cgroup.HybridRoot}
+	}
+	var errs []error
+	for _, r := range roots {
+		m, err := cgroup.NewManager(cgroup.Config{Root: r})
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		return supervisor.CgroupGroups(m, cgroup.Limits{}, logger.With("component", "runtime"))
+	}
+	return nil, errors.Join(errs...)
 }
 
 func buildInfo() prometheus.Collector {

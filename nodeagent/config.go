@@ -15,6 +15,7 @@ import (
 
 	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/deviceplugin/handoff"
+	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/nodeagent/enforce"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 	"github.com/visionslice/visionslice/runtime/lifecycle"
@@ -225,6 +226,27 @@ func ParseConfig(data []byte) (Config, error) {
 		return Config{}, err
 	}
 	return cfg, nil
+}
+
+// deriveSliceBytes makes devicePlugin.sliceMiB the one source of the slice
+// size: accounting and the model lifecycle take it from there, so a quota
+// always equals the slices the kubelet handed out. A different value written
+// for either of them is ignored, with a warning.
+func (c *Config) deriveSliceBytes(logger *slog.Logger) {
+	b := uint64(c.DevicePlugin.WithDefaults().SliceMiB) << 20
+	def := uint64(slice.DefaultSliceMiB) << 20
+	for _, f := range []struct {
+		key string
+		v   *uint64
+	}{
+		{"enforcement.accounting.sliceBytes", &c.Enforcement.Accounting.SliceBytes},
+		{"lifecycle.sliceBytes", &c.Lifecycle.SliceBytes},
+	} {
+		if *f.v != 0 && *f.v != def && *f.v != b && logger != nil {
+			logger.Warn("slice size follows devicePlugin.sliceMiB; ignoring "+f.key, "configured_bytes", *f.v, "slice_bytes", b)
+		}
+		*f.v = b
+	}
 }
 
 // restartRequired lists the top-level fields (by YAML key) that differ
