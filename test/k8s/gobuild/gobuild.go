@@ -25,17 +25,32 @@ func RepoRoot(t testing.TB) string {
 // returns the binary's path.
 func Command(t testing.TB, name string) string {
 	t.Helper()
+	return filepath.Join(Commands(t, name), name)
+}
+
+// Commands builds several ./cmd/<name> into one temporary folder, as an
+// image installs them side by side (the agent finds its worker there), and
+// returns the folder.
+func Commands(t testing.TB, names ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, name := range names {
+		buildInto(t, dir, name)
+	}
+	return dir
+}
+
+func buildInto(t testing.TB, dir, name string) {
+	t.Helper()
 	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	if _, err := os.Stat(goBin); err != nil {
 		if goBin, err = exec.LookPath("go"); err != nil {
 			t.Fatalf("gobuild: no go command to build %s: %v", name, err)
 		}
 	}
-	out := filepath.Join(t.TempDir(), name)
-	cmd := exec.Command(goBin, "build", "-o", out, "./cmd/"+name)
+	cmd := exec.Command(goBin, "build", "-o", filepath.Join(dir, name), "./cmd/"+name)
 	cmd.Dir = RepoRoot(t)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, b)
 	}
-	return out
 }

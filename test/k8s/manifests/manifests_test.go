@@ -413,7 +413,9 @@ func TestManifests_AgentConfigAgreesWithDaemonSet(t *testing.T) {
 			continue
 		}
 		if agent == "" {
-			agent = gobuild.Command(t, "visionslice-agent")
+			// The image installs the worker beside the agent, where the
+			// agent looks for it.
+			agent = filepath.Join(gobuild.Commands(t, "visionslice-agent", "visionslice-worker"), "visionslice-agent")
 		}
 		t.Run(set.name, func(t *testing.T) {
 			checked++
