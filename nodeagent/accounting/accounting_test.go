@@ -207,9 +207,6 @@ visionslice_container_gpu_memory_used_bytes{container="solo",gpu_uuid="` + gpu0 
 # TYPE visionslice_gpu_unaccounted_memory_bytes gauge
 visionslice_gpu_unaccounted_memory_bytes{gpu="0",gpu_uuid="` + gpu0 + `"} 3.221225472e+09
 visionslice_gpu_unaccounted_memory_bytes{gpu="1",gpu_uuid="` + gpu1 + `"} 1.572864e+08
-# HELP visionslice_worker_gpu_memory_used_bytes GPU memory used by the agent's model workers of one model on one GPU.
-# TYPE visionslice_worker_gpu_memory_used_bytes gauge
-visionslice_worker_gpu_memory_used_bytes{gpu_uuid="` + gpu1 + `",model="ppocr-det"} 7.34003200e+08
 `
 	if err := testutil.CollectAndCompare(c, strings.NewReader(exp)); err != nil {
 		t.Fatal(err)

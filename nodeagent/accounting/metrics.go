@@ -16,8 +16,6 @@ var (
 		"GPU memory used by a container's processes on one GPU (NVML per-process memory).", containerLabels, nil)
 	descContainerLimit = prometheus.NewDesc("visionslice_container_gpu_memory_limit_bytes",
 		"GPU memory quota of a container on one GPU: its slices there times the slice size.", containerLabels, nil)
-	descWorkerUsed = prometheus.NewDesc("visionslice_worker_gpu_memory_used_bytes",
-		"GPU memory used by the agent's model workers of one model on one GPU.", []string{"model", slice.LabelGPUUUID}, nil)
 	descUnaccounted = prometheus.NewDesc(slice.MetricGPUUnaccountedMemBytes,
 		"GPU memory used by processes that hold no visionslice slices (outside visionslice).",
 		[]string{slice.LabelGPUUUID, slice.LabelGPUIndex}, nil)
@@ -35,7 +33,6 @@ func (t *Tracker) Collector() Collector { return Collector{t: t} }
 func (c Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descContainerUsed
 	ch <- descContainerLimit
-	ch <- descWorkerUsed
 	ch <- descUnaccounted
 }
 
@@ -45,13 +42,13 @@ func (c Collector) Collect(ch chan<- prometheus.Metric) {
 	if r == nil {
 		return
 	}
+	// Model workers are exported by the runtime, per model version
+	// (visionslice_model_worker_gpu_memory_used_bytes), and by the GPU
+	// collector's process groups; not a third time here.
 	for _, g := range r.Groups {
-		switch g.Kind {
-		case gpu.GroupContainer:
+		if g.Kind == gpu.GroupContainer {
 			ch <- prometheus.MustNewConstMetric(descContainerUsed, prometheus.GaugeValue, float64(g.UsageBytes), g.Namespace, g.Pod, g.Container, g.GPUUUID)
 			ch <- prometheus.MustNewConstMetric(descContainerLimit, prometheus.GaugeValue, float64(g.QuotaBytes), g.Namespace, g.Pod, g.Container, g.GPUUUID)
-		case gpu.GroupWorker:
-			ch <- prometheus.MustNewConstMetric(descWorkerUsed, prometheus.GaugeValue, float64(g.UsageBytes), g.Model, g.GPUUUID)
 		}
 	}
 	for uuid, v := range r.Unaccounted {
