@@ -24,13 +24,19 @@ build: deps
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
 
 run: build
+	@mkdir -p /tmp/visionslice-run/device-plugins
 	./$(BIN)/visionslice-agent --config=manifests/local/agent.yaml
 
 # Every tier: unit, integration (real ORT, OpenCV, cgroup v2, gRPC over unix
 # sockets) and the binary-level tests.
+# go test -v, filtered by .ci/testlog.awk so the log names every skip and its
+# reason; the whole output is kept in $(BIN)/test.log.
+TESTLOG = | tee -a $(CURDIR)/$(BIN)/test.log | awk -f $(CURDIR)/.ci/testlog.awk
+
 test: deps
+	@mkdir -p $(BIN) && : > $(BIN)/test.log
 	$(GO) vet ./...
-	$(GO) test $(GOTESTFLAGS) -count=1 ./...
+	$(GO) test -v $(GOTESTFLAGS) -count=1 ./... 2>&1 $(TESTLOG)
 	@$(MAKE) --no-print-directory e2e
 
 # The Kubernetes tier: test/k8s is a Go module of its own (k8s.io/kubernetes
@@ -41,7 +47,7 @@ k8s-tools:
 
 e2e: deps
 	@bin=$$(bash test/k8s/build-tools.sh); cd test/k8s && $(GO) vet ./... && \
-		VISIONSLICE_K8S_BIN=$$bin $(GO) test $(GOTESTFLAGS) -count=1 ./...
+		VISIONSLICE_K8S_BIN=$$bin $(GO) test -v $(GOTESTFLAGS) -count=1 ./... 2>&1 $(TESTLOG)
 
 bench: deps
 	$(GO) test -run='^$$' -bench=. -benchmem -count=1 ./...
