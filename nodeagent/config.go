@@ -229,7 +229,8 @@ func ParseConfig(data []byte) (Config, error) {
 }
 
 // deriveSliceBytes makes devicePlugin.sliceMiB the one source of the slice
-// size: accounting and the model lifecycle take it from there, so a quota
+// size: accounting, the runtime's worker limits and the model lifecycle take
+// it from there, so a quota
 // always equals the slices the kubelet handed out. A different value written
 // for either of them is ignored, with a warning.
 func (c *Config) deriveSliceBytes(logger *slog.Logger) {
@@ -241,6 +242,7 @@ func (c *Config) deriveSliceBytes(logger *slog.Logger) {
 	}{
 		{"enforcement.accounting.sliceBytes", &c.Enforcement.Accounting.SliceBytes},
 		{"lifecycle.sliceBytes", &c.Lifecycle.SliceBytes},
+		{"runtime.sliceBytes", &c.Runtime.SliceBytes},
 	} {
 		if *f.v != 0 && *f.v != def && *f.v != b && logger != nil {
 			logger.Warn("slice size follows devicePlugin.sliceMiB; ignoring "+f.key, "configured_bytes", *f.v, "slice_bytes", b)

@@ -7,6 +7,8 @@ package server
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/visionslice/visionslice/runtime/supervisor"
@@ -31,6 +33,22 @@ type Config struct {
 	Workers supervisor.Config `yaml:"workers"`
 	// Tracing configures OpenTelemetry export.
 	Tracing TracingConfig `yaml:"tracing"`
+	// Device is where model workers run: "cpu" (default) or "cuda:<n>",
+	// the CUDA execution provider on GPU n, its arena capped at the model's
+	// quota (slices x SliceBytes) through gpu_mem_limit.
+	Device string `yaml:"device"`
+	// SliceBytes is the size of one slice; the agent sets it from
+	// devicePlugin.sliceMiB.
+	SliceBytes uint64 `yaml:"sliceBytes"`
+}
+
+// WorkerGPULimit returns the GPU memory limit of one worker of a model that
+// holds slices, 0 when workers run on the CPU or the model holds none.
+func (c *Config) WorkerGPULimit(slices int) uint64 {
+	if !strings.HasPrefix(c.Device, "cuda:") || slices <= 0 {
+		return 0
+	}
+	return uint64(slices) * c.SliceBytes
 }
 
 // TracingConfig: spans are always created when an endpoint is set and
@@ -76,6 +94,14 @@ func (c *Config) Validate() error {
 	}
 	if c.Tracing.SampleRatio < 0 || c.Tracing.SampleRatio > 1 {
 		errs = append(errs, fmt.Errorf("runtime.tracing.sampleRatio %v must be within 0..1", c.Tracing.SampleRatio))
+	}
+	if c.Device != "" && c.Device != "cpu" {
+		n, err := strconv.Atoi(strings.TrimPrefix(c.Device, "cuda:"))
+		if !strings.HasPrefix(c.Device, "cuda:") || err != nil || n < 0 {
+			errs = append(errs, fmt.Errorf("runtime.device %q: want cpu or cuda:<gpu index>", c.Device))
+		} else if c.SliceBytes == 0 {
+			errs = append(errs, errors.New("runtime.sliceBytes must be set for a cuda device"))
+		}
 	}
 	w := c.Workers
 	w.SetDefaults()

@@ -152,8 +152,11 @@ func New(cfg Config, deps Deps, logger *slog.Logger) (*Server, error) {
 }
 
 func (s *Server) supervisorPool(m *repository.Model, v repository.Version, logger *slog.Logger) (Pool, error) {
-	return supervisor.New(s.cfg.Workers, supervisor.Model{Name: m.Name + "/" + strconv.FormatInt(v.Number, 10), ModelPath: v.Path, Spec: m.Config},
-		s.deps.Groups, supervisor.Hooks{}, logger)
+	model := supervisor.Model{Name: m.Name + "/" + strconv.FormatInt(v.Number, 10), ModelPath: v.Path, Spec: m.Config}
+	if limit := s.cfg.WorkerGPULimit(m.Config.Slices); limit > 0 {
+		model.Device, model.GPUMemLimitBytes = s.cfg.Device, limit
+	}
+	return supervisor.New(s.cfg.Workers, model, s.deps.Groups, supervisor.Hooks{}, logger)
 }
 
 func metadataOf(m *repository.Model, version string, versions []string) *oip.ModelMetadata {

@@ -346,3 +346,39 @@ func TestOTLPTracingStartsWithoutCollector(t *testing.T) {
 		t.Error("tracing without an endpoint is enabled")
 	}
 }
+
+func TestWorkerDevice(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		device  string
+		slices  int
+		limit   uint64
+		wantErr string
+	}{
+		{device: "", slices: 4, limit: 0},
+		{device: "cpu", slices: 4, limit: 0},
+		{device: "cuda:0", slices: 4, limit: 4 << 30},
+		{device: "cuda:1", slices: 0, limit: 0},
+		{device: "cuda:x", wantErr: `runtime.device "cuda:x"`},
+		{device: "gpu", wantErr: `runtime.device "gpu"`},
+	}
+	for _, tc := range tests {
+		c := DefaultConfig()
+		c.Enabled, c.Repository = true, t.TempDir()
+		c.Workers.WorkerBinary, c.Workers.ORTLibrary = "/bin/true", "/bin/true"
+		c.Device, c.SliceBytes = tc.device, 1<<30
+		err := c.Validate()
+		if tc.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("device %q: err = %v, want %q", tc.device, err, tc.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("device %q: %v", tc.device, err)
+		}
+		if got := c.WorkerGPULimit(tc.slices); got != tc.limit {
+			t.Errorf("device %q, %d slices: limit %d, want %d", tc.device, tc.slices, got, tc.limit)
+		}
+	}
+}
