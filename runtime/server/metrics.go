@@ -15,10 +15,12 @@ const (
 	MetricQueueDuration   = "visionslice_inference_queue_duration_seconds"
 	MetricComputeDuration = "visionslice_inference_compute_duration_seconds"
 	MetricBatchSize       = "visionslice_inference_batch_size"
-	MetricWorkerRestarts  = "visionslice_model_worker_restarts_total"
-	MetricLoadDuration    = "visionslice_model_load_duration_seconds"
-	MetricModelReady      = "visionslice_model_ready"
-	MetricWorkerGPUMemory = "visionslice_model_worker_gpu_memory_used_bytes"
+	// MetricPreprocessDuration is the workers' image preprocessing time.
+	MetricPreprocessDuration = "visionslice_inference_preprocess_duration_seconds"
+	MetricWorkerRestarts     = "visionslice_model_worker_restarts_total"
+	MetricLoadDuration       = "visionslice_model_load_duration_seconds"
+	MetricModelReady         = "visionslice_model_ready"
+	MetricWorkerGPUMemory    = "visionslice_model_worker_gpu_memory_used_bytes"
 )
 
 // latencyBuckets span 100 µs to ~30 s.
@@ -29,6 +31,7 @@ type metrics struct {
 	total    *prometheus.HistogramVec
 	queue    *prometheus.HistogramVec
 	compute  *prometheus.HistogramVec
+	prep     *prometheus.HistogramVec
 	batch    *prometheus.HistogramVec
 }
 
@@ -44,10 +47,12 @@ func newMetrics(reg prometheus.Registerer, s *Server) (*metrics, error) {
 			Help: "Time a request waited in the batching queue, in seconds.", Buckets: latencyBuckets}, mv),
 		compute: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: MetricComputeDuration,
 			Help: "Time a worker took for one (batched) inference including preprocessing and transfer, in seconds.", Buckets: latencyBuckets}, mv),
+		prep: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: MetricPreprocessDuration,
+			Help: "Time a worker spent decoding and preprocessing the images of one (batched) inference, in seconds; models without image inputs have none.", Buckets: latencyBuckets}, mv),
 		batch: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: MetricBatchSize,
 			Help: "Items per batch handed to a model worker.", Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128}}, mv),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.total, m.queue, m.compute, m.batch, &stateCollector{s: s}, reloadCollector{s}} {
+	for _, c := range []prometheus.Collector{m.requests, m.total, m.queue, m.compute, m.prep, m.batch, &stateCollector{s: s}, reloadCollector{s}} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -12,6 +12,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/visionslice/visionslice/runtime/cv"
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
 	"github.com/visionslice/visionslice/runtime/onnxgen"
@@ -164,6 +167,18 @@ func TestPPOCRDetEndToEnd(t *testing.T) {
 	}
 	if !slices.Equal(g.GetOutputs()[0].GetShape(), want.Shape) || !bytes.Equal(g.GetRawOutputContents()[0], want.Data) {
 		t.Fatal("grpc output differs from the direct run")
+	}
+
+	// The workers reported their preprocessing time of the three requests.
+	prep := r.srv.metrics.prep.WithLabelValues("ppocr-det", "1").(prometheus.Histogram)
+	var m dto.Metric
+	if err := prep.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if n, sum := m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum(); n != 3 || sum <= 0 {
+		t.Errorf("preprocess histogram: %d samples, %v s in all; want 3 samples of real time", n, sum)
+	} else {
+		t.Logf("worker preprocessing: %.1f ms per image", 1000*sum/float64(n))
 	}
 
 	// A corrupt image is the client's fault: 400, and no worker restarts.

@@ -30,6 +30,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/worker"
 )
 
 // Pool is what the server needs of the worker processes of one model
@@ -442,7 +443,8 @@ func (mv *modelVersion) load(ctx, batchCtx context.Context, batchers *sync.WaitG
 	var b *batch.Batcher
 	if err == nil {
 		b, err = batch.New(batchConfig(mv.model.Config), tracedPool{pool: pool, tracer: mv.s.tracing.tracer,
-			attrs: []attribute.KeyValue{attribute.String("model", mv.name), attribute.String("model.version", mv.version)}},
+			attrs: []attribute.KeyValue{attribute.String("model", mv.name), attribute.String("model.version", mv.version)},
+			prep:  mv.s.metrics.prep.WithLabelValues(mv.name, mv.version)},
 			logger, batch.WithTracer(mv.s.tracing.tracer), batch.WithObserver(batchObserver{
 				queue:   mv.s.metrics.queue.WithLabelValues(mv.name, mv.version),
 				compute: mv.s.metrics.compute.WithLabelValues(mv.name, mv.version),
@@ -496,12 +498,21 @@ type tracedPool struct {
 	pool   Pool
 	tracer trace.Tracer
 	attrs  []attribute.KeyValue
+	// prep observes the worker's preprocessing time of each call.
+	prep prometheus.Observer
 }
 
 func (t tracedPool) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
 	ctx, span := t.tracer.Start(ctx, "worker.infer", trace.WithAttributes(t.attrs...))
 	defer span.End()
-	out, err := t.pool.Infer(ctx, inputs, outputs)
+	var tm worker.Timings
+	out, err := t.pool.Infer(worker.WithTimings(ctx, &tm), inputs, outputs)
+	if tm.Preprocess > 0 {
+		span.SetAttributes(attribute.Float64("preprocess.seconds", tm.Preprocess.Seconds()))
+		if t.prep != nil {
+			t.prep.Observe(tm.Preprocess.Seconds())
+		}
+	}
 	if err != nil {
 		span.RecordError(err)
 		span.SetStatus(codes.Error, err.Error())

@@ -184,7 +184,11 @@ func (cl *Client) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []s
 	var res []tensor.Tensor
 	var rerr error
 	if code == CodeOK {
+		pre := time.Duration(c.r.u64())
 		res = c.r.tensors()
+		if t := TimingsFrom(ctx); t != nil && c.r.err == nil {
+			t.Preprocess = pre
+		}
 	} else {
 		rerr = &RemoteError{Code: code, Msg: c.r.str32()}
 	}

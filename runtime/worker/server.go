@@ -175,7 +175,8 @@ func serveInfer(ctx context.Context, c net.Conn, r *frameReader, w *frameWriter,
 		rctx, cancel = context.WithTimeout(rctx, time.Duration(timeout))
 		defer cancel()
 	}
-	res, err := h.Infer(rctx, inputs, outputs)
+	var tm Timings
+	res, err := h.Infer(WithTimings(rctx, &tm), inputs, outputs)
 	w.reset(kindInferResponse)
 	if err != nil {
 		code := CodeInternal
@@ -193,6 +194,7 @@ func serveInfer(ctx context.Context, c net.Conn, r *frameReader, w *frameWriter,
 		return w.send(c)
 	}
 	w.u8(uint8(CodeOK))
+	w.u64(uint64(tm.Preprocess))
 	if err := w.tensors(res); err != nil {
 		w.reset(kindInferResponse)
 		w.u8(uint8(CodeInternal))

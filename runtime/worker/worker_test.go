@@ -38,6 +38,9 @@ func (e *echo) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []stri
 			return nil, ctx.Err()
 		}
 	}
+	if t := worker.TimingsFrom(ctx); t != nil {
+		t.Preprocess = 1234 * time.Microsecond // as a host that decoded images reports
+	}
 	out := slices.Clone(inputs)
 	for i := range out {
 		if i < len(outputs) {
@@ -102,9 +105,13 @@ func TestRoundTrip(t *testing.T) {
 		{Name: "empty", Datatype: tensor.Int64, Shape: []int64{0, 3}},
 		{Name: "big", Datatype: tensor.Uint8, Shape: []int64{3 << 20}, Data: bytes.Repeat([]byte{7}, 3<<20)},
 	}
-	out, err := cl.Infer(ctx, in, []string{"y0", "y1"})
+	var tm worker.Timings
+	out, err := cl.Infer(worker.WithTimings(ctx, &tm), in, []string{"y0", "y1"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if tm.Preprocess != 1234*time.Microsecond {
+		t.Errorf("preprocess time %v did not come back from the worker", tm.Preprocess)
 	}
 	if len(out) != len(in) || out[0].Name != "y0" || out[1].Name != "y1" || out[2].Name != "empty" {
 		t.Fatalf("names: %v", out)

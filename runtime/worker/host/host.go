@@ -204,6 +204,7 @@ func (m *Model) Close() error {
 // Infer preprocesses image inputs and runs the model.
 func (m *Model) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []string) ([]tensor.Tensor, error) {
 	if len(m.images) > 0 {
+		start := time.Now()
 		inputs = slices.Clone(inputs)
 		for i := range inputs {
 			im, ok := m.images[inputs[i].Name]
@@ -215,6 +216,9 @@ func (m *Model) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []str
 				return nil, err
 			}
 			inputs[i] = t
+		}
+		if t := worker.TimingsFrom(ctx); t != nil {
+			t.Preprocess = time.Since(start)
 		}
 	}
 	if err := ctx.Err(); err != nil {
