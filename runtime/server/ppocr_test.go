@@ -1,3 +1,7 @@
+//go:build !nocv
+
+// The image end-to-end test needs OpenCV; -tags nocv leaves it out.
+
 package server
 
 import (

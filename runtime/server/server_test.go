@@ -4,12 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -31,32 +29,14 @@ import (
 	"github.com/visionslice/visionslice/runtime/onnxgen"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // workerBin is visionslice-worker built for these tests ("" when ONNX
 // Runtime is not installed).
 var workerBin string
 
-func TestMain(m *testing.M) { os.Exit(run(m)) }
-
-func run(m *testing.M) int {
-	if os.Getenv("VISIONSLICE_ORT_LIB") == "" {
-		fmt.Println("runtime/server tests with workers skip: VISIONSLICE_ORT_LIB is not set")
-		return m.Run()
-	}
-	dir, err := os.MkdirTemp("", "vs-server-bin-")
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	workerBin = filepath.Join(dir, "visionslice-worker")
-	if out, err := exec.Command("go", "build", "-o", workerBin, "github.com/visionslice/visionslice/cmd/visionslice-worker").CombinedOutput(); err != nil {
-		fmt.Printf("build worker: %v\n%s", err, out)
-		return 1
-	}
-	return m.Run()
-}
+func TestMain(m *testing.M) { os.Exit(workertest.Main(m, "runtime/server", &workerBin)) }
 
 func testLogger(t testing.TB) *slog.Logger {
 	if testing.Verbose() {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -24,39 +23,13 @@ import (
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // workerBin is the visionslice-worker built for these tests.
 var workerBin string
 
-func TestMain(m *testing.M) {
-	os.Exit(run(m))
-}
-
-func run(m *testing.M) int {
-	if os.Getenv("VISIONSLICE_ORT_LIB") == "" {
-		fmt.Println("supervisor tests skip: VISIONSLICE_ORT_LIB is not set")
-		return m.Run()
-	}
-	// A prebuilt worker (for a test binary run on another machine).
-	if bin := os.Getenv("VISIONSLICE_WORKER_BIN"); bin != "" {
-		workerBin = bin
-		return m.Run()
-	}
-	dir, err := os.MkdirTemp("", "vsw-bin-")
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	defer os.RemoveAll(dir)
-	workerBin = filepath.Join(dir, "visionslice-worker")
-	out, err := exec.Command("go", "build", "-o", workerBin, "github.com/visionslice/visionslice/cmd/visionslice-worker").CombinedOutput()
-	if err != nil {
-		fmt.Printf("build worker: %v\n%s", err, out)
-		return 1
-	}
-	return m.Run()
-}
+func TestMain(m *testing.M) { os.Exit(workertest.Main(m, "runtime/supervisor", &workerBin)) }
 
 func config(t testing.TB) supervisor.Config {
 	t.Helper()

@@ -13,12 +13,21 @@ import (
 // ORTEnv names the ONNX Runtime library the Makefile exports for tests.
 const ORTEnv = "VISIONSLICE_ORT_LIB"
 
+// BinEnv names a prebuilt worker binary to use instead of building one
+// (a machine without Go, such as a borrowed GPU host, runs a test binary
+// built elsewhere).
+const BinEnv = "VISIONSLICE_WORKER_BIN"
+
 // Main builds the worker into a temporary directory, sets *bin to its
 // path and runs the tests; without ONNX Runtime (ORTEnv unset) *bin stays
 // "" and tests that need workers skip.
 func Main(m *testing.M, pkg string, bin *string) int {
 	if os.Getenv(ORTEnv) == "" {
 		fmt.Printf("%s tests with workers skip: %s is not set\n", pkg, ORTEnv)
+		return m.Run()
+	}
+	if prebuilt := os.Getenv(BinEnv); prebuilt != "" {
+		*bin = prebuilt
 		return m.Run()
 	}
 	dir, err := os.MkdirTemp("", "vs-worker-bin-")
