@@ -379,20 +379,11 @@ func (a *Agent) close() {
 // <root>/visionslice, root being the enforcement's cgroup v2 hierarchy (found
 // as enforcement does when unset).
 func workerCgroups(root string, logger *slog.Logger) (supervisor.Groups, error) {
-	roots := []string{root}
-	if root == "" {
-		roots = []string{cgroup.DefaultRoot, cgroup.HybridRoot}
+	m, err := cgroup.Open(root)
+	if err != nil {
+		return nil, err
 	}
-	var errs []error
-	for _, r := range roots {
-		m, err := cgroup.NewManager(cgroup.Config{Root: r})
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		return supervisor.CgroupGroups(m, cgroup.Limits{}, logger.With("component", "runtime"))
-	}
-	return nil, errors.Join(errs...)
+	return supervisor.CgroupGroups(m, cgroup.Limits{}, logger.With("component", "runtime"))
 }
 
 func buildInfo() prometheus.Collector {

@@ -250,6 +250,24 @@ type Groups interface {
 
 var _ Groups = (*Manager)(nil)
 
+// Open returns a manager on root, or where root is "" on the first of the
+// pure v2 mount (DefaultRoot) and the hybrid one (HybridRoot) that works.
+func Open(root string) (*Manager, error) {
+	roots := []string{root}
+	if root == "" {
+		roots = []string{DefaultRoot, HybridRoot}
+	}
+	var errs []error
+	for _, r := range roots {
+		m, err := NewManager(Config{Root: r})
+		if err == nil {
+			return m, nil
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
+}
+
 // NewManager checks that cfg.Root is a cgroup v2 hierarchy and returns a
 // manager for it. It creates nothing.
 func NewManager(cfg Config) (*Manager, error) {

@@ -362,3 +362,17 @@ func TestResolveProcPathHelper(t *testing.T) {
 	}
 	t.Logf("shown %s, resolved %s, frozen and thawed", shown, got)
 }
+
+func TestOpenFindsTheV2Hierarchy(t *testing.T) {
+	t.Parallel()
+	if _, err := cgroup.Open(filepath.Join(t.TempDir(), "none")); err == nil {
+		t.Error("Open accepted a folder that is no cgroup v2 hierarchy")
+	}
+	m, err := cgroup.Open("")
+	if err != nil {
+		t.Skipf("no cgroup v2 hierarchy at %s or %s on this host: %v", cgroup.DefaultRoot, cgroup.HybridRoot, err)
+	}
+	if r := m.Root(); r != cgroup.DefaultRoot && r != cgroup.HybridRoot {
+		t.Errorf("Open(\"\") chose %s", r)
+	}
+}

@@ -146,19 +146,11 @@ func (c *Component) Close() {
 }
 
 func openCgroups(root string) (cgroup.Groups, error) {
-	roots := []string{root}
-	if root == "" {
-		roots = []string{cgroup.DefaultRoot, cgroup.HybridRoot}
+	m, err := cgroup.Open(root)
+	if err != nil {
+		return nil, err
 	}
-	var errs []error
-	for _, r := range roots {
-		m, err := cgroup.NewManager(cgroup.Config{Root: r})
-		if err == nil {
-			return m, nil
-		}
-		errs = append(errs, err)
-	}
-	return nil, errors.Join(errs...)
+	return m, nil
 }
 
 type noCgroups struct{ err error }
