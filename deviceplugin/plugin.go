@@ -94,7 +94,7 @@ func New(cfg Config, src GPUSource, reg prometheus.Registerer, logger *slog.Logg
 	p := &Plugin{
 		cfg:     cfg,
 		src:     src,
-		logger:  logger.With("component", "deviceplugin"),
+		logger:  logger,
 		ledger:  newLedger(),
 		inv:     buildInventory(nil, nil, cfg.sliceBytes(), cfg.reservedBytes()),
 		changed: make(chan struct{}),

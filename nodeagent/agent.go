@@ -179,7 +179,7 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 			a.add("handoff", h.Run)
 			dpOpts = append(dpOpts, deviceplugin.WithHinter(h))
 		}
-		dp, err := deviceplugin.New(cfg.DevicePlugin, a.poller, a.reg, logger, dpOpts...)
+		dp, err := deviceplugin.New(cfg.DevicePlugin, a.poller, a.reg, logger.With("component", "deviceplugin"), dpOpts...)
 		if err != nil {
 			return nil, fmt.Errorf("device plugin: %w", err)
 		}
@@ -188,7 +188,7 @@ func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) 
 
 	if cfg.Runtime.Enabled {
 		deps := server.Deps{GPUs: a.poller, Registerer: a.reg, Version: Version}
-		if groups, err := workerCgroups(cfg.Enforcement.CgroupRoot, logger); err != nil {
+		if groups, err := workerCgroups(cfg.Enforcement.CgroupRoot, logger.With("component", "runtime")); err != nil {
 			logger.Warn("model workers run without cgroups of their own: an overrun kills the worker's process group instead", "err", err)
 		} else {
 			deps.Groups = groups
@@ -383,7 +383,7 @@ func workerCgroups(root string, logger *slog.Logger) (supervisor.Groups, error) 
 	if err != nil {
 		return nil, err
 	}
-	return supervisor.CgroupGroups(m, cgroup.Limits{}, logger.With("component", "runtime"))
+	return supervisor.CgroupGroups(m, cgroup.Limits{}, logger)
 }
 
 func buildInfo() prometheus.Collector {

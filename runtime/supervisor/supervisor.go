@@ -216,7 +216,7 @@ func New(cfg Config, model Model, groups Groups, hooks Hooks, logger *slog.Logge
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Pool{
 		cfg: cfg, model: model, groups: groups, hooks: hooks,
-		logger:   logger.With("component", "supervisor", "model", model.Name),
+		logger:   logger.With("pool", model.Name),
 		id:       cgroupSafe(model.Name) + "-" + hex.EncodeToString(rnd[:]),
 		changed:  make(chan struct{}),
 		restarts: map[string]uint64{},
