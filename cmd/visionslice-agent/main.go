@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+	"go.yaml.in/yaml/v3"
 	"k8s.io/klog/v2"
 
 	"github.com/visionslice/visionslice/nodeagent"
@@ -125,7 +126,13 @@ func run(args []string) error {
 	level := new(slog.LevelVar)
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	klog.SetSlogLogger(logger.With("component", "klog"))
-	logger.Info("starting visionslice-agent", "version", nodeagent.Version, "config", fmt.Sprintf("%+v", cfg))
+	// The resolved config, defaults and flags applied, in the file's own
+	// format: what an operator would write to get this agent again.
+	resolved, err := yaml.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("render config: %w", err)
+	}
+	logger.Info("starting visionslice-agent", "version", nodeagent.Version, "config", string(resolved))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
