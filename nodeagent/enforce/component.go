@@ -86,12 +86,13 @@ func NewComponent(sec Section, node string, snaps SnapshotSource, reg prometheus
 		return nil, fmt.Errorf("register accounting metrics: %w", err)
 	}
 
-	groups, err := openCgroups(sec.CgroupRoot)
-	if err != nil {
+	var groups cgroup.Groups
+	if m, err := cgroup.Open(sec.CgroupRoot); err != nil {
 		logger.Error("no cgroup v2 hierarchy: freeze and kill will fail and be audited as failed", "err", err)
 		groups = noCgroups{err: err}
 	} else {
-		logger.Info("cgroup v2 hierarchy for enforcement", "root", groups.(*cgroup.Manager).Root())
+		logger.Info("cgroup v2 hierarchy for enforcement", "root", m.Root())
+		groups = m
 	}
 
 	deps := Deps{Snapshots: snaps, Accounting: c.Tracker, Cgroups: groups, Registerer: reg}
@@ -104,11 +105,12 @@ func NewComponent(sec Section, node string, snaps SnapshotSource, reg prometheus
 		c.events = NewKubeEvents(client, node)
 		deps.Pods, deps.Events = c.pods, c.events
 	}
-	c.Enforcer, err = New(sec.Policy, deps, logger)
+	enf, err := New(sec.Policy, deps, logger)
 	if err != nil {
 		c.Close()
 		return nil, err
 	}
+	c.Enforcer = enf
 	logger.Info("enforcement configured", "default_action", sec.Policy.DefaultAction, "allowed_actions", sec.Policy.AllowedActions,
 		"grace_period", sec.Policy.GracePeriod.String(), "over_for", sec.Policy.Hysteresis.OverFor.String(),
 		"slice_bytes", sec.Accounting.SliceBytes, "kube_api", sec.KubeAPI != "")
@@ -143,14 +145,6 @@ func (c *Component) Close() {
 		c.events.Shutdown()
 		c.events = nil
 	}
-}
-
-func openCgroups(root string) (cgroup.Groups, error) {
-	m, err := cgroup.Open(root)
-	if err != nil {
-		return nil, err
-	}
-	return m, nil
 }
 
 type noCgroups struct{ err error }
