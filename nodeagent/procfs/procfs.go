@@ -122,9 +122,9 @@ func ParsePath(p string) (Container, error) {
 	for i, seg := range segs {
 		var c Container
 		var next int
+		m := systemdPod.FindStringSubmatch(seg)
 		switch {
-		case systemdPod.MatchString(seg):
-			m := systemdPod.FindStringSubmatch(seg)
+		case m != nil:
 			c.QoS = qosOf(m[1])
 			c.PodUID = strings.ReplaceAll(m[2], "_", "-")
 			if i+1 >= len(segs) {
