@@ -71,9 +71,7 @@ type Manager struct {
 type versionState struct {
 	h          server.VersionHandle
 	slices     int
-	quota      uint64 // bytes; 0: not checked
-	state      string
-	reason     string
+	quota      uint64         // bytes; 0: not checked
 	overruns   []time.Time    // within the window
 	total      uint64         // overruns ever
 	acted      map[int]uint64 // instance -> generation already replaced
@@ -147,7 +145,7 @@ func (m *Manager) syncLocked() []*versionState {
 			vs = nil
 		}
 		if vs == nil {
-			vs = &versionState{h: h, state: StateServing, acted: map[int]uint64{}, pending: map[int]bool{}}
+			vs = &versionState{h: h, acted: map[int]uint64{}, pending: map[int]bool{}}
 			if c := h.Config(); c != nil {
 				vs.slices = c.Slices
 				vs.quota = uint64(c.Slices) * m.cfg.SliceBytes
@@ -176,7 +174,7 @@ func (m *Manager) Check(snap *gpu.Snapshot) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, vs := range m.syncLocked() {
-		if vs.quota == 0 || vs.state == StateFailed {
+		if vs.quota == 0 || vs.state() == StateFailed {
 			continue
 		}
 		pool, ok := vs.h.Pool().(Pool)
@@ -216,18 +214,17 @@ func (m *Manager) overrunLocked(vs *versionState, pool Pool, in supervisor.Insta
 		"quota_bytes", vs.quota, "slices", vs.slices, "overruns_in_window", n)
 	if n > m.cfg.MaxOverruns {
 		vs.epoch++
-		vs.state = StateFailed
 		vs.failedWith = vs.quota
-		vs.reason = fmt.Sprintf("over quota: a worker used %d bytes, quota is %d bytes (%d slices); %d overruns within %s; raise slices in %s to recover",
+		reason := fmt.Sprintf("over quota: a worker used %d bytes, quota is %d bytes (%d slices); %d overruns within %s; raise slices in %s to recover",
 			used, vs.quota, vs.slices, n, m.cfg.OverrunWindow, repository.ConfigFile)
 		vs.pending = map[int]bool{}
-		vs.h.SetState(&server.LifecycleState{State: StateFailed, Reason: vs.reason, Failed: true})
+		vs.h.SetState(&server.LifecycleState{State: StateFailed, Reason: reason, Failed: true})
 		for _, i := range pool.Instances() {
 			if err := pool.Park(i.Index, ReasonOverrun); err != nil {
 				log.Warn("parking model worker", "err", err)
 			}
 		}
-		log.Error("model failed over quota", "reason", vs.reason)
+		log.Error("model failed over quota", "reason", reason)
 		return
 	}
 	delay := time.Duration(0)
@@ -237,10 +234,9 @@ func (m *Manager) overrunLocked(vs *versionState, pool Pool, in supervisor.Insta
 			delay = m.cfg.BackoffMax
 		}
 	}
-	vs.state = StateRecovering
-	vs.reason = fmt.Sprintf("replacing worker %d after a gpu memory overrun (%d of %d bytes)", in.Index, used, vs.quota)
 	vs.pending[in.Index] = true
-	vs.h.SetState(&server.LifecycleState{State: StateRecovering, Reason: vs.reason, Recovering: true})
+	vs.h.SetState(&server.LifecycleState{State: StateRecovering, Recovering: true,
+		Reason: fmt.Sprintf("replacing worker %d after a gpu memory overrun (%d of %d bytes)", in.Index, used, vs.quota)})
 	if err := pool.ReplaceAfter(in.Index, ReasonOverrun, delay); err != nil {
 		log.Error("replacing model worker", "err", err)
 		return
@@ -291,8 +287,7 @@ func (m *Manager) track(vs *versionState, epoch uint64, pool Pool, start time.Ti
 		}
 		m.metrics.recovery.WithLabelValues(vs.h.Model(), vs.h.Version()).Observe(d.Seconds())
 		after()
-		if len(vs.pending) == 0 && vs.state == StateRecovering {
-			vs.state, vs.reason = StateServing, ""
+		if len(vs.pending) == 0 && vs.state() == StateRecovering {
 			vs.h.SetState(&server.LifecycleState{State: StateServing})
 		}
 	}()
@@ -321,7 +316,7 @@ func (m *Manager) setSlicesLocked(vs *versionState, slices int) {
 	log := m.logger.With("model", vs.h.Model(), "version", vs.h.Version())
 	log.Info("model gpu memory quota changed", "slices", slices, "quota_bytes", quota, "previous_quota_bytes", vs.quota)
 	vs.slices, vs.quota = slices, quota
-	if vs.state != StateFailed || (quota != 0 && quota <= vs.failedWith) {
+	if vs.state() != StateFailed || (quota != 0 && quota <= vs.failedWith) {
 		return
 	}
 	pool, ok := vs.h.Pool().(Pool)
@@ -330,9 +325,7 @@ func (m *Manager) setSlicesLocked(vs *versionState, slices int) {
 	}
 	vs.epoch++
 	vs.overruns = nil
-	vs.state = StateRecovering
-	vs.reason = "quota raised; starting workers"
-	vs.h.SetState(&server.LifecycleState{State: StateRecovering, Reason: vs.reason, Recovering: true})
+	vs.h.SetState(&server.LifecycleState{State: StateRecovering, Reason: "quota raised; starting workers", Recovering: true})
 	for _, i := range pool.Instances() {
 		vs.pending[i.Index] = true
 		if err := pool.Resume(i.Index); err != nil {
@@ -372,5 +365,17 @@ func (m *Manager) State(model, version string) (string, string) {
 	if vs == nil {
 		return StateServing, ""
 	}
-	return vs.state, vs.reason
+	if st := vs.h.State(); st != nil {
+		return st.State, st.Reason
+	}
+	return StateServing, ""
+}
+
+// state is the version's state as the server holds it (serving when it
+// holds none).
+func (vs *versionState) state() string {
+	if st := vs.h.State(); st != nil {
+		return st.State
+	}
+	return StateServing
 }

@@ -2,8 +2,6 @@ package lifecycle
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/visionslice/visionslice/runtime/server"
 )
 
 // Metric names of the model lifecycle.
@@ -53,10 +51,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	defer c.m.mu.Unlock()
 	for _, vs := range c.m.syncLocked() {
 		model, version := vs.h.Model(), vs.h.Version()
-		state := vs.state
-		if st := vs.h.State(); state == StateServing && st != nil && (st.State == server.StateLoading || st.State == server.StateLoadFailed) {
-			state = st.State
-		}
+		state := vs.state()
 		for _, s := range allStates {
 			v := 0.0
 			if s == state {
