@@ -13,11 +13,12 @@
 package accounting
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -372,24 +373,10 @@ func (t *Tracker) Account(s *gpu.Snapshot) *Report {
 	for _, u := range groups {
 		r.Groups = append(r.Groups, *u)
 	}
-	sort.Slice(r.Groups, func(i, j int) bool {
-		a, b := r.Groups[i], r.Groups[j]
-		if a.GPUIndex != b.GPUIndex {
-			return a.GPUIndex < b.GPUIndex
-		}
-		if a.Kind != b.Kind {
-			return a.Kind < b.Kind
-		}
-		if a.Namespace != b.Namespace {
-			return a.Namespace < b.Namespace
-		}
-		if a.Pod != b.Pod {
-			return a.Pod < b.Pod
-		}
-		if a.Container != b.Container {
-			return a.Container < b.Container
-		}
-		return a.Model < b.Model
+	slices.SortFunc(r.Groups, func(a, b Usage) int {
+		return cmp.Or(cmp.Compare(a.GPUIndex, b.GPUIndex), cmp.Compare(a.Kind, b.Kind),
+			cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Pod, b.Pod),
+			cmp.Compare(a.Container, b.Container), cmp.Compare(a.Model, b.Model))
 	})
 	t.latest.Store(r)
 	return r
