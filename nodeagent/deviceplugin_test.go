@@ -1,9 +1,6 @@
 package nodeagent
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -54,30 +51,19 @@ func TestAgentRunsDevicePlugin(t *testing.T) {
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	k := kubelettest.Start(t, dir)
 
-	cfg := DefaultConfig()
-	cfg.NodeName = "node-" + t.Name()
-	cfg.GPU.Backend = "sim:h100x1+a100x1"
+	cfg := testConfig(t, "sim:h100x1+a100x1")
 	cfg.GPU.PollInterval = 20 * time.Millisecond
-	cfg.Metrics.Listen = "127.0.0.1:0"
 	cfg.Enforcement.Enabled = false
 	cfg.DevicePlugin.SocketDir = dir
 	cfg.DevicePlugin.PodResourcesSocket = filepath.Join(dir, "pod-resources.sock")
-	a, err := New(cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
+	a := newAgent(t, cfg)
+	// Registered before runAgent, so it runs once the agent has stopped.
+	t.Cleanup(func() {
 		if _, err := os.Stat(filepath.Join(dir, cfg.DevicePlugin.PluginSocket)); !os.IsNotExist(err) {
 			t.Errorf("plugin socket left after the agent stopped: %v", err)
 		}
-	}()
+	})
+	runAgent(t, a)
 
 	if r := k.WaitRegistration(t, 10*time.Second); r.ResourceName != slice.ResourceName {
 		t.Errorf("registered %q", r.ResourceName)

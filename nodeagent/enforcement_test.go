@@ -1,9 +1,6 @@
 package nodeagent
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"os"
 	"slices"
 	"strings"
@@ -74,31 +71,17 @@ enforcement:
 // simulated GPU shows as unaccounted memory on /metrics' registry.
 func TestAgentAccountsGPUMemory(t *testing.T) {
 	t.Parallel()
-	cfg := DefaultConfig()
-	cfg.NodeName = "node-" + t.Name()
-	cfg.GPU.Backend = "sim:h100x1"
+	cfg := testConfig(t, "sim:h100x1")
 	cfg.GPU.PollInterval = 20 * time.Millisecond
-	cfg.Metrics.Listen = "127.0.0.1:0"
 	dir := t.TempDir()
 	cfg.Enforcement.Accounting.PodResourcesSocket = dir + "/kubelet.sock"
 	cfg.Enforcement.Accounting.PodLogsDir = dir
 	cfg.Enforcement.Accounting.ContainerLogsDir = dir
-	a, err := New(cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := newAgent(t, cfg)
 	if a.Accounting() == nil {
 		t.Fatal("Accounting() is nil with enforcement enabled")
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
+	runAgent(t, a)
 	if err := a.Sim().SetProcess(0, uint32(os.Getpid()), 3<<30, gpu.ProcessCompute); err != nil {
 		t.Fatal(err)
 	}

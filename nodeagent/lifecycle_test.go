@@ -1,8 +1,6 @@
 package nodeagent
 
 import (
-	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -68,10 +66,7 @@ func TestAgentWiresLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	cfg := DefaultConfig()
-	cfg.NodeName = "node-" + t.Name()
-	cfg.GPU.Backend = "sim:h100x1"
-	cfg.Metrics.Listen = "127.0.0.1:0"
+	cfg := testConfig(t, "sim:h100x1")
 	cfg.Enforcement.Enabled = false
 	cfg.DevicePlugin.Enabled = true
 	cfg.DevicePlugin.SliceMiB = 2048
@@ -80,10 +75,7 @@ func TestAgentWiresLifecycle(t *testing.T) {
 	cfg.Runtime.Workers.WorkerBinary = worker
 	cfg.Runtime.Workers.ORTLibrary = "/nonexistent/libonnxruntime.so"
 	cfg.Lifecycle.Enabled = true
-	a, err := New(cfg, slog.New(slog.NewJSONHandler(io.Discard, nil)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := newAgent(t, cfg)
 	mfs, err := a.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
