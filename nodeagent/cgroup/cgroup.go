@@ -414,12 +414,12 @@ func namespaceRoot(root, selfCgroup string, pid int) (string, error) {
 	if own == "" || strings.Contains(own, "..") {
 		return "", fmt.Errorf("own cgroup in %s: no usable cgroup v2 line in %q", selfCgroup, b)
 	}
+	want := strconv.Itoa(pid)
 	// Fast path: the root namespace, where the shown path exists as is.
-	if holds(filepath.Join(root, own), pid) {
+	if procsHold(filepath.Join(root, own, "cgroup.procs"), want) {
 		return "/", nil
 	}
 	found := ""
-	want := strconv.Itoa(pid)
 	walkErr := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
 		if err != nil || !d.IsDir() || found != "" {
 			if found != "" {
@@ -455,10 +455,6 @@ func namespaceRoot(root, selfCgroup string, pid int) (string, error) {
 		ns = "/"
 	}
 	return ns, nil
-}
-
-func holds(dir string, pid int) bool {
-	return procsHold(filepath.Join(dir, "cgroup.procs"), strconv.Itoa(pid))
 }
 
 func procsHold(file, pid string) bool {
