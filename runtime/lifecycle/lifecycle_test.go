@@ -159,8 +159,7 @@ func (h *harness) run(lc lifecycle.Config) {
 	cfg.Repository = h.repo
 	cfg.HTTPListen = "127.0.0.1:0"
 	cfg.GRPCListen = ""
-	cfg.Workers = supervisor.Config{WorkerBinary: workerBin, ORTLibrary: os.Getenv("VISIONSLICE_ORT_LIB"), SocketDir: t.TempDir(),
-		StartTimeout: time.Minute, HealthInterval: 500 * time.Millisecond, WorkerLogLevel: "warn"}
+	cfg.Workers = workertest.Config(t, workerBin)
 	if h.srv, err = server.New(cfg, server.Deps{GPUs: poller, Groups: groups, Registerer: h.reg}, logger); err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,6 +17,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/server"
 	"github.com/visionslice/visionslice/runtime/supervisor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // slowPool holds Start back, as a large model's load would.
@@ -47,7 +47,7 @@ func TestLoadProgress(t *testing.T) {
 	writeFile(t, filepath.Join(repo, "add", "1", "model.onnx"), addModel(t))
 	cfg := server.DefaultConfig()
 	cfg.Enabled, cfg.Repository, cfg.HTTPListen, cfg.GRPCListen = true, repo, "127.0.0.1:0", ""
-	cfg.Workers = supervisor.Config{WorkerBinary: workerBin, ORTLibrary: os.Getenv("VISIONSLICE_ORT_LIB"), SocketDir: t.TempDir(), WorkerLogLevel: "warn"}
+	cfg.Workers = workertest.Config(t, workerBin)
 	newPool := func(m *repository.Model, v repository.Version, logger *slog.Logger) (server.Pool, error) {
 		p, err := supervisor.New(cfg.Workers, supervisor.Model{Name: m.Name + "/" + strconv.FormatInt(v.Number, 10), ModelPath: v.Path, Spec: m.Config}, nil, supervisor.Hooks{}, logger)
 		return slowPool{Pool: p, delay: 1500 * time.Millisecond}, err

@@ -47,11 +47,7 @@ func testLogger(t testing.TB) *slog.Logger {
 
 func workersConfig(t testing.TB) supervisor.Config {
 	t.Helper()
-	if workerBin == "" {
-		t.Skip("VISIONSLICE_ORT_LIB is not set (run `make deps` and use `make test`)")
-	}
-	return supervisor.Config{WorkerBinary: workerBin, ORTLibrary: os.Getenv("VISIONSLICE_ORT_LIB"), SocketDir: t.TempDir(),
-		StartTimeout: time.Minute, HealthInterval: 500 * time.Millisecond, WorkerLogLevel: "warn"}
+	return workertest.Config(t, workerBin)
 }
 
 func writeFile(t testing.TB, path string, data []byte) {

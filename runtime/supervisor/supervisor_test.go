@@ -33,22 +33,15 @@ func TestMain(m *testing.M) { os.Exit(workertest.Main(m, "runtime/supervisor", &
 
 func config(t testing.TB) supervisor.Config {
 	t.Helper()
-	if workerBin == "" {
-		t.Skip("VISIONSLICE_ORT_LIB is not set (run `make deps` and use `make test`)")
-	}
-	return supervisor.Config{
-		WorkerBinary:   workerBin,
-		ORTLibrary:     os.Getenv("VISIONSLICE_ORT_LIB"),
-		SocketDir:      t.TempDir(),
-		StartTimeout:   30 * time.Second,
-		HealthInterval: 100 * time.Millisecond,
-		HealthTimeout:  time.Second,
-		HealthFailures: 2,
-		BackoffInitial: 20 * time.Millisecond,
-		BackoffMax:     500 * time.Millisecond,
-		StopGrace:      2 * time.Second,
-		WorkerLogLevel: "warn",
-	}
+	c := workertest.Config(t, workerBin)
+	c.StartTimeout = 30 * time.Second
+	c.HealthInterval = 100 * time.Millisecond
+	c.HealthTimeout = time.Second
+	c.HealthFailures = 2
+	c.BackoffInitial = 20 * time.Millisecond
+	c.BackoffMax = 500 * time.Millisecond
+	c.StopGrace = 2 * time.Second
+	return c
 }
 
 func logger(t testing.TB) *slog.Logger {

@@ -8,6 +8,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
+
+	"github.com/visionslice/visionslice/runtime/supervisor"
 )
 
 // ORTEnv names the ONNX Runtime library the Makefile exports for tests.
@@ -17,6 +20,19 @@ const ORTEnv = "VISIONSLICE_ORT_LIB"
 // (a machine without Go, such as a borrowed GPU host, runs a test binary
 // built elsewhere).
 const BinEnv = "VISIONSLICE_WORKER_BIN"
+
+// Config is the supervisor.Config tests use to run the worker at bin (as
+// Main set it): ONNX Runtime from ORTEnv, a private socket directory, a
+// minute to start (CI machines are slow and shared), warn-level worker
+// logs. Without a worker (bin "") the test skips.
+func Config(t testing.TB, bin string) supervisor.Config {
+	t.Helper()
+	if bin == "" {
+		t.Skip(ORTEnv + " is not set (run `make deps` and use `make test`)")
+	}
+	return supervisor.Config{WorkerBinary: bin, ORTLibrary: os.Getenv(ORTEnv), SocketDir: t.TempDir(),
+		StartTimeout: time.Minute, HealthInterval: 500 * time.Millisecond, WorkerLogLevel: "warn"}
+}
 
 // Main builds the worker into a temporary directory, sets *bin to its
 // path and runs the tests; without ONNX Runtime (ORTEnv unset) *bin stays
