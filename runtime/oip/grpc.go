@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"runtime"
-	"strconv"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -291,6 +290,3 @@ func fromContents(c *pb.InferTensorContents, dt tensor.DataType, n int64) ([]byt
 	}
 	return out, nil
 }
-
-// VersionString formats a numeric version.
-func VersionString(n int64) string { return strconv.FormatInt(n, 10) }
