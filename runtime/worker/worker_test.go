@@ -83,15 +83,23 @@ func serve(t *testing.T) (path string, stop func()) {
 	return path, stop
 }
 
+// dial connects a client of maxConns to the worker at path and checks
+// that it answers health checks.
+func dial(t *testing.T, path string, maxConns int) *worker.Client {
+	t.Helper()
+	cl := worker.NewClient(path, maxConns)
+	t.Cleanup(func() { cl.Close() })
+	if err := cl.Health(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return cl
+}
+
 func TestRoundTrip(t *testing.T) {
 	t.Parallel()
 	path, _ := serve(t)
-	cl := worker.NewClient(path, 4)
-	defer cl.Close()
+	cl := dial(t, path, 4)
 	ctx := context.Background()
-	if err := cl.Health(ctx); err != nil {
-		t.Fatal(err)
-	}
 	md, err := cl.Metadata(ctx)
 	if err != nil || md.Runtime != "echo" || md.Inputs[0].Shape[0] != -1 {
 		t.Fatalf("metadata %+v, %v", md, err)
@@ -126,8 +134,7 @@ func TestRoundTrip(t *testing.T) {
 func TestErrorsAndConcurrency(t *testing.T) {
 	t.Parallel()
 	path, _ := serve(t)
-	cl := worker.NewClient(path, 2)
-	defer cl.Close()
+	cl := dial(t, path, 2)
 	ctx := context.Background()
 	x := tensor.Tensor{Name: "x", Datatype: tensor.FP32, Shape: []int64{1}, Data: []byte{0, 0, 128, 63}}
 	_, err := cl.Infer(ctx, []tensor.Tensor{{Name: "invalid", Datatype: tensor.Bool, Shape: []int64{1}, Data: []byte{1}}}, nil)
@@ -171,12 +178,8 @@ func TestErrorsAndConcurrency(t *testing.T) {
 func TestWorkerGone(t *testing.T) {
 	t.Parallel()
 	path, stop := serve(t)
-	cl := worker.NewClient(path, 2)
-	defer cl.Close()
+	cl := dial(t, path, 2)
 	ctx := context.Background()
-	if err := cl.Health(ctx); err != nil {
-		t.Fatal(err)
-	}
 	stop()
 	os.Remove(path)
 	if err := cl.Health(ctx); !errors.Is(err, worker.ErrWorkerGone) {
@@ -211,11 +214,7 @@ func TestMalformedFrames(t *testing.T) {
 		}
 		c.Close()
 	}
-	cl := worker.NewClient(path, 1)
-	defer cl.Close()
-	if err := cl.Health(context.Background()); err != nil {
-		t.Fatalf("server hurt by junk: %v", err)
-	}
+	dial(t, path, 1) // the server, hurt by junk, would fail this
 }
 
 func FuzzServerFrame(f *testing.F) {
