@@ -103,21 +103,6 @@ func (s *Snapshot) ProcessesOf(pid uint32) []Process {
 	return out
 }
 
-// HealthChanged reports whether any device's health differs between s and prev
-// (a device that appears or disappears counts as a change).
-func (s *Snapshot) HealthChanged(prev *Snapshot) bool {
-	if prev == nil || len(prev.Devices) != len(s.Devices) {
-		return true
-	}
-	for i, d := range s.Devices {
-		p := prev.Devices[i]
-		if p.UUID != d.UUID || p.Healthy != d.Healthy || p.HealthReason != d.HealthReason {
-			return true
-		}
-	}
-	return false
-}
-
 func sortSnapshot(devs []Device, procs []Process) {
 	sort.Slice(devs, func(i, j int) bool { return devs[i].Index < devs[j].Index })
 	order := make(map[string]int, len(devs))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -152,7 +153,7 @@ func (p *Poller) poll(ctx context.Context) {
 	if prev != nil && sameContent(prev, s) {
 		return
 	}
-	if prev != nil && s.HealthChanged(prev) {
+	if prev != nil {
 		for _, d := range s.Devices {
 			if pd, ok := prev.Device(d.UUID); !ok || pd.Healthy != d.Healthy {
 				p.logger.Info("gpu health changed", "gpu_uuid", d.UUID, "gpu", d.Index, "healthy", d.Healthy, "reason", d.HealthReason)
@@ -177,18 +178,5 @@ func (p *Poller) publish(s *Snapshot) {
 // sameContent reports whether two snapshots hold the same devices and
 // processes (time and sequence aside).
 func sameContent(a, b *Snapshot) bool {
-	if len(a.Devices) != len(b.Devices) || len(a.Processes) != len(b.Processes) {
-		return false
-	}
-	for i := range a.Devices {
-		if a.Devices[i] != b.Devices[i] {
-			return false
-		}
-	}
-	for i := range a.Processes {
-		if a.Processes[i] != b.Processes[i] {
-			return false
-		}
-	}
-	return true
+	return slices.Equal(a.Devices, b.Devices) && slices.Equal(a.Processes, b.Processes)
 }

@@ -2,14 +2,13 @@ package gpu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
@@ -43,7 +42,7 @@ type Reader struct {
 	lastXID map[string]xidMark // by UUID
 
 	errMu  sync.Mutex
-	errors map[string]*atomic.Uint64 // by NVML call
+	errors map[string]uint64 // by NVML call
 
 	stopEvents context.CancelFunc
 	eventsDone chan struct{}
@@ -71,7 +70,7 @@ func NewReader(lib nvml.Interface, logger *slog.Logger, opts ...ReaderOption) *R
 		xidRecovery: time.Minute,
 		now:         time.Now,
 		lastXID:     map[string]xidMark{},
-		errors:      map[string]*atomic.Uint64{},
+		errors:      map[string]uint64{},
 	}
 	for _, o := range opts {
 		o(r)
@@ -248,24 +247,15 @@ func (r *Reader) xidState(uuid string, now time.Time) (string, bool) {
 
 func (r *Reader) countError(call string) {
 	r.errMu.Lock()
-	c, ok := r.errors[call]
-	if !ok {
-		c = new(atomic.Uint64)
-		r.errors[call] = c
-	}
+	r.errors[call]++
 	r.errMu.Unlock()
-	c.Add(1)
 }
 
 // ErrorCounts returns how many NVML calls failed, by call name.
 func (r *Reader) ErrorCounts() map[string]uint64 {
 	r.errMu.Lock()
 	defer r.errMu.Unlock()
-	out := make(map[string]uint64, len(r.errors))
-	for k, v := range r.errors {
-		out[k] = v.Load()
-	}
-	return out
+	return maps.Clone(r.errors)
 }
 
 // startEvents registers every device for critical XID events and watches
@@ -335,9 +325,3 @@ func nvmlError(ret nvml.Return) error {
 type Error struct{ Return nvml.Return }
 
 func (e *Error) Error() string { return "nvml: " + e.Return.Error() }
-
-// IsGPULost reports whether err is NVML's GPU_IS_LOST.
-func IsGPULost(err error) bool {
-	var e *Error
-	return errors.As(err, &e) && e.Return == nvml.ERROR_GPU_IS_LOST
-}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/NVIDIA/go-nvml/pkg/nvml/mock"
@@ -210,7 +211,7 @@ func (g *GPUs) wait(timeoutMs uint32) (nvml.EventData, nvml.Return) {
 	select {
 	case e := <-g.events:
 		return e, nvml.SUCCESS
-	case <-timeAfterMs(timeoutMs):
+	case <-time.After(time.Duration(timeoutMs) * time.Millisecond):
 		return nvml.EventData{}, nvml.ERROR_TIMEOUT
 	}
 }
