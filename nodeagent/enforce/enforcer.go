@@ -111,7 +111,6 @@ type Enforcer struct {
 	mu       sync.Mutex
 	states   map[string]*groupState
 	rejected map[string]string // pod uid -> annotation value already audited
-	lastSeq  uint64
 	report   *accounting.Report
 	lastAct  time.Duration // duration of the latest cgroup operation
 
@@ -225,7 +224,7 @@ func (e *Enforcer) Step(s *gpu.Snapshot, now time.Time) {
 	}
 	e.mu.Lock()
 	r := e.report
-	fresh := r == nil || s.Seq != e.lastSeq
+	fresh := r == nil || s.Seq != r.Seq
 	e.mu.Unlock()
 	if fresh {
 		r = e.deps.Accounting.Account(s)
@@ -239,7 +238,7 @@ func (e *Enforcer) Evaluate(r *accounting.Report, now time.Time) {
 	pol := e.Policy()
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.report, e.lastSeq = r, r.Seq
+	e.report = r
 	present := map[string]bool{}
 	for _, u := range r.Groups {
 		if u.Kind != gpu.GroupContainer {
