@@ -41,7 +41,11 @@ func ParseAction(s string) (Action, error) {
 	if slices.Contains(knownActions, a) {
 		return a, nil
 	}
-	return "", fmt.Errorf("%w %q (want observe, freeze or kill)", ErrUnknownAction, s)
+	return "", unknownAction(s)
+}
+
+func unknownAction(s string) error {
+	return fmt.Errorf("%w %q (want observe, freeze or kill)", ErrUnknownAction, s)
 }
 
 // Errors.
@@ -152,7 +156,7 @@ func (c Config) decide(ann map[string]string) decision {
 	a, err := ParseAction(v)
 	switch {
 	case err != nil:
-		d.rejected, d.reason = shown, fmt.Sprintf("%v %q (want observe, freeze or kill)", ErrUnknownAction, shown)
+		d.rejected, d.reason = shown, unknownAction(shown).Error()
 	case !slices.Contains(c.AllowedActions, a):
 		d.rejected, d.reason = shown, fmt.Sprintf("%v: %q is not in %v", ErrNotAllowed, a, c.AllowedActions)
 	default:
