@@ -55,7 +55,7 @@ func (s *memSource) set(node string, gpus ...scrape.GPU) {
 	if s.nodes == nil {
 		s.nodes = map[string]scrape.Node{}
 	}
-	s.nodes[node] = scrape.NewNode(scrape.Target{Node: node}, gpus)
+	s.nodes[node] = scrape.Node{Target: scrape.Target{Node: node}, GPUs: gpus}
 }
 
 // fakeClock is a settable clock.

@@ -44,10 +44,10 @@ func TestExtenderBindThenHandoff(t *testing.T) {
 		return true, nil, client.Tracker().Update(v1.SchemeGroupVersion.WithResource("pods"), bound, b.Namespace)
 	})
 	now := time.Now()
-	src := oneNode{node: scrape.NewNode(scrape.Target{Node: node}, []scrape.GPU{
+	src := oneNode{node: scrape.Node{Target: scrape.Target{Node: node}, GPUs: []scrape.GPU{
 		{UUID: "GPU-0", Index: 0, Healthy: true, Capacity: 8, Allocated: 6, SliceBytes: 1 << 30, Timestamp: now},
 		{UUID: "GPU-1", Index: 1, Healthy: true, Capacity: 8, Allocated: 2, SliceBytes: 1 << 30, Timestamp: now},
-	})}
+	}}}
 	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
 	ext, err := scheduler.New(scheduler.DefaultConfig(), scheduler.Deps{Client: client, Key: key, Source: src}, logger)
 	if err != nil {

@@ -193,7 +193,7 @@ func (s *Source) fetch(ctx context.Context, at time.Time) (map[string]scrape.Nod
 			errs = append(errs, fmt.Errorf("node %s: %w", node, err))
 			continue
 		}
-		nodes[node] = scrape.NewNode(scrape.Target{Node: node, URL: s.cfg.URL}, gpus)
+		nodes[node] = scrape.Node{Target: scrape.Target{Node: node, URL: s.cfg.URL}, GPUs: gpus}
 	}
 	if len(errs) > 0 {
 		// One bad node must not blind the extender to the others.

@@ -68,30 +68,13 @@ type Node struct {
 	Err                     error
 	Duration                time.Duration
 	Samples                 int
-	// oldest is the oldest GPU sample timestamp, set with GPUs.
-	oldest time.Time
-}
-
-// NewNode returns a Node with the given GPUs (for sources other than the
-// Manager, and tests).
-func NewNode(t Target, gpus []GPU) Node {
-	n := Node{Target: t, GPUs: gpus}
-	n.oldest = oldest(gpus)
-	return n
 }
 
 // Oldest returns the oldest sample timestamp among the node's GPUs (zero
 // without GPUs): the node's metrics are as fresh as this.
 func (n Node) Oldest() time.Time {
-	if n.oldest.IsZero() && len(n.GPUs) > 0 {
-		return oldest(n.GPUs)
-	}
-	return n.oldest
-}
-
-func oldest(gpus []GPU) time.Time {
 	var o time.Time
-	for i, g := range gpus {
+	for i, g := range n.GPUs {
 		if i == 0 || g.Timestamp.Before(o) {
 			o = g.Timestamp
 		}
@@ -307,13 +290,13 @@ func (m *Manager) scrapeOnce(ctx context.Context, t Target) {
 		prev := n
 		n = &Node{Target: t}
 		if prev != nil { // the node's agent moved: its last good GPUs stay until replaced
-			n.GPUs, n.LastSuccess, n.oldest = prev.GPUs, prev.LastSuccess, prev.oldest
+			n.GPUs, n.LastSuccess = prev.GPUs, prev.LastSuccess
 		}
 		m.nodes[t.Node] = n
 	}
 	n.LastScrape, n.Err, n.Duration, n.Samples = start, err, dur, samples
 	if err == nil {
-		n.GPUs, n.LastSuccess, n.oldest = gpus, start, oldest(gpus)
+		n.GPUs, n.LastSuccess = gpus, start
 	}
 	m.gen++
 	m.mu.Unlock()
