@@ -103,25 +103,10 @@ func dev(index int, uuid string, mib uint64, numa int) gpu.Device {
 	return gpu.Device{Index: index, UUID: uuid, NUMANode: numa, MemoryTotalBytes: mib << 20, MemoryFreeBytes: mib << 20, Healthy: true}
 }
 
-func startKubelet(t testing.TB, dir string) *testKubelet {
-	t.Helper()
-	return &testKubelet{kubelettest.Start(t, dir)}
-}
-
-// testKubelet adapts kubelettest.Kubelet to the tests' wait limit.
-type testKubelet struct{ *kubelettest.Kubelet }
-
-func (k *testKubelet) stop() { k.Stop() }
-
-func (k *testKubelet) waitRegistration(t testing.TB) *pluginapi.RegisterRequest {
-	t.Helper()
-	return k.WaitRegistration(t, waitLimit)
-}
-
 // harness is a running plugin with its kubelet.
 type harness struct {
 	dir     string
-	kubelet *testKubelet
+	kubelet *kubelettest.Kubelet
 	plugin  *deviceplugin.Plugin
 	reg     *prometheus.Registry
 	client  pluginapi.DevicePluginClient
@@ -139,7 +124,7 @@ func startPlugin(t testing.TB, cfg deviceplugin.Config, src deviceplugin.GPUSour
 	if cfg.PodResourcesSocket == "" {
 		cfg.PodResourcesSocket = filepath.Join(h.dir, "no-pod-resources.sock")
 	}
-	h.kubelet = startKubelet(t, h.dir)
+	h.kubelet = kubelettest.Start(t, h.dir)
 	p, err := deviceplugin.New(cfg, src, h.reg, testLogger(t), opts...)
 	if err != nil {
 		t.Fatalf("New: %v", err)
@@ -150,7 +135,7 @@ func startPlugin(t testing.TB, cfg deviceplugin.Config, src deviceplugin.GPUSour
 	go func() { h.done <- p.Run(ctx) }()
 	t.Cleanup(h.stop)
 
-	r := h.kubelet.waitRegistration(t)
+	r := h.kubelet.WaitRegistration(t, waitLimit)
 	h.client = dialPlugin(t, filepath.Join(h.dir, r.Endpoint))
 	return h
 }

@@ -110,9 +110,6 @@ func New(cfg Config, src GPUSource, reg prometheus.Registerer, logger *slog.Logg
 	return p, nil
 }
 
-// Config returns the resolved configuration.
-func (p *Plugin) Config() Config { return p.cfg }
-
 // SocketPath is where the plugin serves the DevicePlugin service.
 func (p *Plugin) SocketPath() string { return filepath.Join(p.cfg.SocketDir, p.cfg.PluginSocket) }
 

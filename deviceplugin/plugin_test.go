@@ -19,6 +19,7 @@ import (
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/visionslice/visionslice/deviceplugin"
+	"github.com/visionslice/visionslice/deviceplugin/kubelettest"
 	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
@@ -99,7 +100,7 @@ func TestRegisterAndListAndWatch(t *testing.T) {
 func TestRegistrationRequest(t *testing.T) {
 	t.Parallel()
 	dir := shortDir(t)
-	k := startKubelet(t, dir)
+	k := kubelettest.Start(t, dir)
 	p, err := deviceplugin.New(deviceplugin.Config{SocketDir: dir, PodResourcesSocket: filepath.Join(dir, "none.sock")},
 		newFakeSource(dev(0, "GPU-a", 4096, 0)), nil, testLogger(t))
 	if err != nil {
@@ -108,7 +109,7 @@ func TestRegistrationRequest(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
-	r := k.waitRegistration(t)
+	r := k.WaitRegistration(t, waitLimit)
 	want := &pluginapi.RegisterRequest{
 		Version:      pluginapi.Version,
 		Endpoint:     deviceplugin.DefaultPluginSocket,
@@ -365,15 +366,15 @@ func TestKubeletRestart(t *testing.T) {
 			old := watch(t, h.client)
 			recvUntil(t, old, func([]*pluginapi.Device) bool { return true })
 
-			h.kubelet.stop()
+			h.kubelet.Stop()
 			if removeSocket { // the kubelet's startup cleanup of the folder
 				if err := os.Remove(h.plugin.SocketPath()); err != nil {
 					t.Fatal(err)
 				}
 			}
 			start := time.Now()
-			h.kubelet = startKubelet(t, h.dir)
-			r := h.kubelet.waitRegistration(t)
+			h.kubelet = kubelettest.Start(t, h.dir)
+			r := h.kubelet.WaitRegistration(t, waitLimit)
 			t.Logf("re-registered %s after the kubelet socket was re-created", time.Since(start))
 
 			devs := recvUntil(t, watch(t, dialPlugin(t, filepath.Join(h.dir, r.Endpoint))), func([]*pluginapi.Device) bool { return true })
@@ -627,9 +628,9 @@ func TestWaitsForKubeletFolderAndGPUs(t *testing.T) {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	k := startKubelet(t, dir)
+	k := kubelettest.Start(t, dir)
 	src.Set(dev(0, "GPU-a", 2048, 0))
-	if r := k.waitRegistration(t); r.ResourceName != slice.ResourceName {
+	if r := k.WaitRegistration(t, waitLimit); r.ResourceName != slice.ResourceName {
 		t.Errorf("registered %q", r.ResourceName)
 	}
 	cancel()
@@ -678,9 +679,9 @@ func TestKubeletStartsAfterPlugin(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	k := startKubelet(t, dir)
+	k := kubelettest.Start(t, dir)
 	start := time.Now()
-	k.waitRegistration(t)
+	k.WaitRegistration(t, waitLimit)
 	t.Logf("registered %s after kubelet.sock appeared", time.Since(start))
 }
 

@@ -45,9 +45,6 @@ func Start(tb testing.TB, dir string) *Kubelet {
 	return k
 }
 
-// Path is the socket's path.
-func (k *Kubelet) Path() string { return k.path }
-
 // Register implements pluginapi.RegistrationServer: it records the request.
 func (k *Kubelet) Register(_ context.Context, r *pluginapi.RegisterRequest) (*pluginapi.Empty, error) {
 	select {
