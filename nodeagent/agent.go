@@ -58,9 +58,6 @@ type Agent struct {
 	ready      []readyCheck
 	reloaders  []func(Config)
 	closers    []func()
-
-	listenMu    sync.Mutex
-	metricsAddr net.Addr
 }
 
 type component struct {
@@ -251,13 +248,6 @@ func (a *Agent) Accounting() *accounting.Tracker { return a.accounting }
 // Sim returns the simulated GPUs, nil for the nvml backend.
 func (a *Agent) Sim() *sim.GPUs { return a.sim }
 
-// MetricsAddr returns the bound metrics address once Run listens, else nil.
-func (a *Agent) MetricsAddr() net.Addr {
-	a.listenMu.Lock()
-	defer a.listenMu.Unlock()
-	return a.metricsAddr
-}
-
 func (a *Agent) serveReady(w http.ResponseWriter, _ *http.Request) {
 	var failed []string
 	for _, r := range a.ready {
@@ -319,9 +309,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("listen metrics: %w", err)
 	}
-	a.listenMu.Lock()
-	a.metricsAddr = ln.Addr()
-	a.listenMu.Unlock()
 	a.logger.Info("metrics server listening", "addr", ln.Addr().String())
 
 	srv := &http.Server{Handler: a.mux, ReadHeaderTimeout: 10 * time.Second}
