@@ -10,12 +10,11 @@
 package e2e_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"io"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -168,7 +167,7 @@ enforcement:
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		per, err := allocatedPerGPU(ctx, metricsURL)
-		if err == nil && equal(per, held) {
+		if err == nil && maps.Equal(per, held) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -341,22 +340,6 @@ func scrapeAgent(ctx context.Context, url string) ([]scrape.GPU, error) {
 		return nil, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	gpus, _, err := scrape.Parse(bytes.NewReader(body), expfmt.NewFormat(expfmt.TypeTextPlain), time.Now())
+	gpus, _, err := scrape.Parse(resp.Body, expfmt.NewFormat(expfmt.TypeTextPlain), time.Now())
 	return gpus, err
-}
-
-func equal(a, b map[string]int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if b[k] != v {
-			return false
-		}
-	}
-	return true
 }
