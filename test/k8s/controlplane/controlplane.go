@@ -313,13 +313,6 @@ func (cp *ControlPlane) stop(t testing.TB) {
 	}
 }
 
-// Log returns the full log of a component ("etcd", "kube-apiserver",
-// "kube-scheduler"), for tests that assert on what a component did.
-func (cp *ControlPlane) Log(name string) string {
-	b, _ := os.ReadFile(filepath.Join(cp.Dir, name+".log"))
-	return string(b)
-}
-
 func httpCheck(c *http.Client, url, want string) func(context.Context) error {
 	return func(ctx context.Context) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)

@@ -178,9 +178,3 @@ func (p *Process) Stop() error {
 	}
 	return nil
 }
-
-// Log returns the process's output so far.
-func (p *Process) Log() string {
-	b, _ := os.ReadFile(p.p.logPath)
-	return string(b)
-}

@@ -66,7 +66,7 @@ func Start(t testing.TB, pods ...*v1.Pod) *Kubelet {
 		t.Fatalf("new device manager: %v", err)
 	}
 	allReady := config.NewSourcesReady(func(sets.Set[string]) bool { return true })
-	if err := dm.Start(logger, k.activePods, allReady, containermap.NewContainerMap(), sets.New[string]()); err != nil {
+	if err := dm.Start(logger, k.GetActivePods, allReady, containermap.NewContainerMap(), sets.New[string]()); err != nil {
 		t.Fatalf("start device manager: %v", err)
 	}
 	k.dm = dm
@@ -91,8 +91,6 @@ func (k *Kubelet) Stop() {
 	_ = os.Remove(PodResourcesSocket)
 	_ = k.dm.Stop(k.logger)
 }
-
-func (k *Kubelet) activePods() []*v1.Pod { return k.GetActivePods() }
 
 // GetActivePods, GetPods and GetPodByName implement podresources.PodsProvider.
 func (k *Kubelet) GetActivePods() []*v1.Pod {
