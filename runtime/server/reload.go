@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -199,7 +200,7 @@ func (s *Server) reload(name string) error {
 		onDisk[v.Number] = true
 	}
 	s.mu.RLock()
-	rolledBack := maps(nil)
+	rolledBack := map[int64]string{}
 	_, canary := s.hot.canary[name]
 	for v := range s.hot.rolledBack[name] {
 		rolledBack[v] = "rolled back"
@@ -447,7 +448,8 @@ func (s *Server) RepositoryIndex(readyOnly bool) []IndexEntry {
 	}
 	var rows []row
 	for _, m := range s.repo.Models {
-		f := maps(s.hot.failures[m.Name])
+		f := map[int64]string{}
+		maps.Copy(f, s.hot.failures[m.Name])
 		for v := range s.hot.rolledBack[m.Name] {
 			f[v] = "canary rolled back"
 		}
@@ -487,14 +489,6 @@ func (s *Server) RepositoryIndex(readyOnly bool) []IndexEntry {
 	}
 	if readyOnly {
 		out = slices.DeleteFunc(out, func(e IndexEntry) bool { return e.State != "READY" })
-	}
-	return out
-}
-
-func maps(m map[int64]string) map[int64]string {
-	out := make(map[int64]string, len(m))
-	for k, v := range m {
-		out[k] = v
 	}
 	return out
 }
