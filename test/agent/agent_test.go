@@ -48,9 +48,7 @@ type agentProc struct {
 	done  chan struct{}
 }
 
-func start(t *testing.T, config string) *agentProc { return startTB(t, config) }
-
-func startTB(t testing.TB, config string) *agentProc {
+func start(t testing.TB, config string) *agentProc {
 	t.Helper()
 	cfgPath := filepath.Join(t.TempDir(), "agent.yaml")
 	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {

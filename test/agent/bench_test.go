@@ -17,7 +17,7 @@ import (
 //
 //	go test ./test/agent -run '^$' -bench AgentPollingCost -benchtime 1x
 func BenchmarkAgentPollingCost(b *testing.B) {
-	p := startTB(b, strings.Replace(strings.Replace(baseConfig, "sim:h100x2", "sim:h100x8", 1), "50ms", "200ms", 1))
+	p := start(b, strings.Replace(strings.Replace(baseConfig, "sim:h100x2", "sim:h100x8", 1), "50ms", "200ms", 1))
 	for g := 0; g < 8; g++ {
 		for i := 0; i < 64; i++ {
 			body := fmt.Sprintf(`{"usedMiB": %d}`, 256+i)
