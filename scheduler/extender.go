@@ -246,12 +246,7 @@ func (e *Extender) state(node string, now time.Time, buf []fit.GPU) nodeState {
 		}
 	}
 	if reason == "" {
-		gpus := buf[:0]
-		for _, g := range n.GPUs {
-			gpus = append(gpus, fit.GPU{UUID: g.UUID, Index: g.Index, Healthy: g.Healthy, Capacity: g.Capacity,
-				Allocated: g.Allocated, SliceBytes: g.SliceBytes, UnaccountedBytes: g.UnaccountedBytes,
-				MemoryTotalBytes: g.MemoryTotalBytes, MemoryUsedBytes: g.MemoryUsedBytes, Utilization: g.Utilization})
-		}
+		gpus := fitGPUs(buf[:0], n.GPUs)
 		if e.assumed.any(node) {
 			for _, a := range e.assumed.live(node, now, func(gpu string) sample { return sampleIn(n.GPUs, gpu) }) {
 				addAssumed(gpus, a)
@@ -262,12 +257,8 @@ func (e *Extender) state(node string, now time.Time, buf []fit.GPU) nodeState {
 	if e.cfg.Staleness.Policy == FailClosed || e.pods == nil || len(n.GPUs) == 0 {
 		return nodeState{reason: reason}
 	}
-	inv := make([]fit.GPU, len(n.GPUs))
-	for i, g := range n.GPUs {
-		inv[i] = fit.GPU{UUID: g.UUID, Index: g.Index, Healthy: g.Healthy, Capacity: g.Capacity, SliceBytes: g.SliceBytes}
-	}
 	pods := e.pods.onNode(node, e.deps.Key)
-	gpus := fallbackGPUs(inv, pods)
+	gpus := fallbackGPUs(fitGPUs(nil, n.GPUs), pods) // keeps only the inventory
 	seen := make(map[string]bool, len(pods))
 	for _, p := range pods {
 		seen[p.uid] = true
@@ -278,6 +269,16 @@ func (e *Extender) state(node string, now time.Time, buf []fit.GPU) nodeState {
 		}
 	}
 	return nodeState{gpus: gpus, known: true, reason: reason}
+}
+
+// fitGPUs appends the agent's GPUs to dst as fit's input.
+func fitGPUs(dst []fit.GPU, gs []scrape.GPU) []fit.GPU {
+	for _, g := range gs {
+		dst = append(dst, fit.GPU{UUID: g.UUID, Index: g.Index, Healthy: g.Healthy, Capacity: g.Capacity,
+			Allocated: g.Allocated, SliceBytes: g.SliceBytes, UnaccountedBytes: g.UnaccountedBytes,
+			MemoryTotalBytes: g.MemoryTotalBytes, MemoryUsedBytes: g.MemoryUsedBytes, Utilization: g.Utilization})
+	}
+	return dst
 }
 
 func addAssumed(gpus []fit.GPU, a assumed) {
