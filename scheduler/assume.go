@@ -132,10 +132,3 @@ func (c *assumeCache) count() int {
 	defer c.mu.RUnlock()
 	return len(c.byPod)
 }
-
-func (c *assumeCache) has(podUID string) bool {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	_, ok := c.byPod[podUID]
-	return ok
-}
