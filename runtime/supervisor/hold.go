@@ -31,32 +31,14 @@ func (p *Pool) instanceLocked(idx int) (*instance, error) {
 // ReplaceAfter is Replace with the fresh worker started no sooner than
 // delay from now; the instance takes no traffic meanwhile.
 func (p *Pool) ReplaceAfter(idx int, reason string, delay time.Duration) error {
-	p.mu.Lock()
-	in, err := p.instanceLocked(idx)
-	if err == nil {
-		in.setHoldLocked(time.Now().Add(delay), false)
-	}
-	p.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	return p.Replace(idx, reason)
+	return p.replace(idx, reason, &holdState{until: time.Now().Add(delay)})
 }
 
 // Park stops routing to instance idx, kills its worker (its whole cgroup)
 // and starts no new one until Resume. Requests in flight on it are retried
 // on another instance, or wait for one.
 func (p *Pool) Park(idx int, reason string) error {
-	p.mu.Lock()
-	in, err := p.instanceLocked(idx)
-	if err == nil {
-		in.setHoldLocked(time.Time{}, true)
-	}
-	p.mu.Unlock()
-	if err != nil {
-		return err
-	}
-	return p.Replace(idx, reason)
+	return p.replace(idx, reason, &holdState{parked: true})
 }
 
 // Resume lifts Park (or a pending ReplaceAfter delay): a fresh worker
@@ -80,14 +62,6 @@ func (p *Pool) Resume(idx int) error {
 	return nil
 }
 
-// Parked reports whether instance idx is parked.
-func (p *Pool) Parked(idx int) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	in, err := p.instanceLocked(idx)
-	return err == nil && in.hold.parked
-}
-
 // waitHold blocks a restart while the instance is held; false when the
 // pool closes.
 func (in *instance) waitHold() bool {
@@ -102,9 +76,7 @@ func (in *instance) waitHold() bool {
 			if d <= 0 {
 				return true
 			}
-			t := time.NewTimer(d)
-			timeout = t.C
-			defer t.Stop()
+			timeout = time.After(d)
 		}
 		select {
 		case <-p.ctx.Done():

@@ -382,13 +382,20 @@ func (p *Pool) Restarts() map[string]uint64 {
 // Replace stops routing to instance idx, kills its worker (its whole
 // cgroup) and starts a fresh one without backoff; requests in flight on it
 // are retried on the fresh worker or another instance. It returns at once.
-func (p *Pool) Replace(idx int, reason string) error {
+func (p *Pool) Replace(idx int, reason string) error { return p.replace(idx, reason, nil) }
+
+// replace is Replace that first sets the instance's hold when hold is not
+// nil, under the same lock.
+func (p *Pool) replace(idx int, reason string, hold *holdState) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if idx < 0 || idx >= len(p.instances) {
-		return fmt.Errorf("instance %d does not exist", idx)
+	in, err := p.instanceLocked(idx)
+	if err != nil {
+		return err
 	}
-	in := p.instances[idx]
+	if hold != nil {
+		in.setHoldLocked(hold.until, hold.parked)
+	}
 	if in.ready {
 		in.ready = false
 		p.notifyLocked()
