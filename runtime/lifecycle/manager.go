@@ -343,20 +343,6 @@ func (m *Manager) setSlicesLocked(vs *versionState, slices int) {
 	}, func() { vs.pending = map[int]bool{} })
 }
 
-// SetSlices overrides a model version's slices as a config change would
-// (for the repository API and tests).
-func (m *Manager) SetSlices(model, version string, slices int) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.syncLocked()
-	vs := m.versions[model+"/"+version]
-	if vs == nil {
-		return fmt.Errorf("model %s version %s is not served", model, version)
-	}
-	m.setSlicesLocked(vs, slices)
-	return nil
-}
-
 // State returns a model version's state and reason.
 func (m *Manager) State(model, version string) (string, string) {
 	m.mu.Lock()

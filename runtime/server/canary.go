@@ -78,14 +78,6 @@ func (s *Server) SetCanary(model string, version int64, percent float64) error {
 	return nil
 }
 
-// Canary returns the model's canary and whether it has one.
-func (s *Server) Canary(model string) (version int64, percent float64, ok bool) {
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	c, ok := s.hot.canary[model]
-	return c.Version, c.Percent, ok
-}
-
 // PromoteCanary ends the canary: the canary version takes all traffic and
 // the version policy applies again (the older version drains).
 func (s *Server) PromoteCanary(model string) error {
