@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"time"
 
@@ -85,7 +86,7 @@ func (d *PodDiscovery) Run(ctx context.Context, up chan<- []Target) error {
 			return fmt.Errorf("list agent pods: %w", err)
 		}
 		ts := d.targets(pods)
-		if !equalTargets(ts, last) {
+		if !slices.Equal(ts, last) {
 			last = ts
 			sendLatest(ctx, up, ts)
 		}
@@ -132,16 +133,4 @@ func sendLatest(ctx context.Context, up chan<- []Target, ts []Target) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-}
-
-func equalTargets(a, b []Target) bool {
-	if len(a) != len(b) || a == nil != (b == nil) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
