@@ -16,12 +16,14 @@ import (
 
 	ortgo "github.com/yalue/onnxruntime_go"
 
+	"github.com/visionslice/visionslice/runtime/inferr"
 	"github.com/visionslice/visionslice/runtime/tensor"
 )
 
 // ErrInvalidInput wraps errors about the inputs a caller passed to Run (a
-// client's fault, as opposed to a failure of the runtime).
-var ErrInvalidInput = errors.New("invalid input")
+// client's fault, as opposed to a failure of the runtime). It is the
+// front end's inferr.ErrInvalidInput.
+var ErrInvalidInput = inferr.ErrInvalidInput
 
 var env struct {
 	mu   sync.Mutex

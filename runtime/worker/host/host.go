@@ -11,6 +11,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/visionslice/visionslice/runtime/inferr"
 	"github.com/visionslice/visionslice/runtime/ort"
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -229,24 +230,24 @@ func (m *Model) Infer(ctx context.Context, inputs []tensor.Tensor, outputs []str
 
 func (im *image) decode(in *tensor.Tensor) (tensor.Tensor, error) {
 	if in.Datatype != tensor.Bytes {
-		return tensor.Tensor{}, fmt.Errorf("%w: input %q carries encoded images and must be BYTES, not %s", ErrInvalidInput, in.Name, in.Datatype)
+		return tensor.Tensor{}, fmt.Errorf("%w: input %q carries encoded images and must be BYTES, not %s", inferr.ErrInvalidInput, in.Name, in.Datatype)
 	}
 	if err := in.Validate(); err != nil {
-		return tensor.Tensor{}, fmt.Errorf("%w: %w", ErrInvalidInput, err)
+		return tensor.Tensor{}, fmt.Errorf("%w: %w", inferr.ErrInvalidInput, err)
 	}
 	els, err := tensor.BytesElements(in.Data)
 	if err != nil {
-		return tensor.Tensor{}, fmt.Errorf("%w: input %q: %w", ErrInvalidInput, in.Name, err)
+		return tensor.Tensor{}, fmt.Errorf("%w: input %q: %w", inferr.ErrInvalidInput, in.Name, err)
 	}
 	if len(in.Shape) == 0 || in.Shape[0] != int64(len(els)) {
-		return tensor.Tensor{}, fmt.Errorf("%w: input %q: shape %v must have one image per row of the batch dimension", ErrInvalidInput, in.Name, in.Shape)
+		return tensor.Tensor{}, fmt.Errorf("%w: input %q: shape %v must have one image per row of the batch dimension", inferr.ErrInvalidInput, in.Name, in.Shape)
 	}
 	if len(im.target.Shape) == 3 && len(els) != 1 {
-		return tensor.Tensor{}, fmt.Errorf("%w: input %q: the model takes one image, got %d", ErrInvalidInput, in.Name, len(els))
+		return tensor.Tensor{}, fmt.Errorf("%w: input %q: the model takes one image, got %d", inferr.ErrInvalidInput, in.Name, len(els))
 	}
 	t, err := im.pp.Batch(im.target.Name, els)
 	if err != nil {
-		return tensor.Tensor{}, fmt.Errorf("%w: input %q: %w", ErrInvalidInput, in.Name, err)
+		return tensor.Tensor{}, fmt.Errorf("%w: input %q: %w", inferr.ErrInvalidInput, in.Name, err)
 	}
 	if len(im.target.Shape) == 3 {
 		t.Shape = t.Shape[1:]
@@ -254,12 +255,9 @@ func (im *image) decode(in *tensor.Tensor) (tensor.Tensor, error) {
 	return t, nil
 }
 
-// ErrInvalidInput marks errors caused by the request.
-var ErrInvalidInput = errors.New("invalid input")
-
 // Code classifies Infer's errors for the wire.
 func Code(err error) worker.Code {
-	if errors.Is(err, ErrInvalidInput) || errors.Is(err, ort.ErrInvalidInput) || badImage(err) {
+	if errors.Is(err, inferr.ErrInvalidInput) || badImage(err) {
 		return worker.CodeInvalidArgument
 	}
 	return worker.CodeInternal
