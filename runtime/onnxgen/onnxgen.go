@@ -86,13 +86,6 @@ var elemTypes = map[tensor.DataType]int64{
 	tensor.FP64: 11, tensor.Uint32: 12, tensor.Uint64: 13,
 }
 
-// ElemType returns the ONNX element type number of an Open Inference
-// Protocol datatype.
-func ElemType(d tensor.DataType) (int64, bool) {
-	v, ok := elemTypes[d]
-	return v, ok
-}
-
 // Marshal encodes the model as ONNX ModelProto bytes.
 func (m *Model) Marshal() ([]byte, error) {
 	opset, ir := m.Opset, m.IRVersion
