@@ -9,7 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 
-	"github.com/visionslice/visionslice/runtime/repository"
+	"github.com/visionslice/visionslice/runtime/inferr"
 )
 
 // VersionHeader names the version a request wants; it routes exactly,
@@ -68,7 +68,7 @@ func (s *Server) SetCanary(model string, version int64, percent float64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.models[model] == nil {
-		return fmt.Errorf("model %q: %w", model, repository.ErrNotFound)
+		return fmt.Errorf("model %q: %w", model, inferr.ErrNotFound)
 	}
 	if s.hot.canary == nil {
 		s.hot.canary = map[string]canaryState{}
@@ -181,7 +181,7 @@ func (s *Server) serveCanary(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		code := http.StatusBadRequest
-		if errors.Is(err, repository.ErrNotFound) {
+		if errors.Is(err, inferr.ErrNotFound) {
 			code = http.StatusNotFound
 		}
 		writeErrorBody(w, code, err)

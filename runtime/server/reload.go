@@ -22,6 +22,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/visionslice/visionslice/runtime/inferr"
 	"github.com/visionslice/visionslice/runtime/repository"
 )
 
@@ -136,7 +137,7 @@ func (s *Server) UnloadModel(name string) error {
 	e := s.models[name]
 	if e == nil {
 		s.mu.Unlock()
-		return fmt.Errorf("model %q: %w", name, repository.ErrNotFound)
+		return fmt.Errorf("model %q: %w", name, inferr.ErrNotFound)
 	}
 	retire := e.versions
 	e.versions = nil
@@ -175,7 +176,7 @@ func (s *Server) reload(name string) error {
 	dir := filepath.Join(s.repo.Root, name)
 	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 		s.removeModel(name)
-		return fmt.Errorf("model %q: %w", name, repository.ErrNotFound)
+		return fmt.Errorf("model %q: %w", name, inferr.ErrNotFound)
 	}
 	md := repository.LoadModel(dir)
 	if md.Err != nil {
@@ -568,7 +569,7 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	}
 	if err := s.LoadModel(name); err != nil {
 		code := http.StatusBadRequest
-		if errors.Is(err, repository.ErrNotFound) {
+		if errors.Is(err, inferr.ErrNotFound) {
 			code = http.StatusNotFound
 		}
 		writeErrorBody(w, code, fmt.Errorf("load model %s: %w", name, err))
