@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.yaml.in/yaml/v3"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -84,8 +85,14 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The resolved config, defaults and flags applied, in the file's own
+	// format (Weights and Prometheus are pointers: %+v would print addresses).
+	resolved, err := yaml.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("render config: %w", err)
+	}
 	if f.checkOnly {
-		fmt.Printf("%+v\n", cfg)
+		fmt.Print(string(resolved))
 		return nil
 	}
 	var level slog.Level
@@ -94,7 +101,7 @@ func run(args []string) error {
 	}
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	klog.SetSlogLogger(logger.With("component", "klog"))
-	logger.Info("starting visionslice-scheduler", "config", fmt.Sprintf("%+v", cfg), "weights", *cfg.Weights)
+	logger.Info("starting visionslice-scheduler", "config", string(resolved))
 
 	deps := scheduler.Deps{}
 	if !f.standalone {
