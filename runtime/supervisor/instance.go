@@ -152,10 +152,7 @@ func (in *instance) watch() string {
 				return exitReason(pr.waitErr)
 			case <-time.After(p.cfg.HealthTimeout):
 			}
-			ctx, cancel := context.WithTimeout(p.ctx, p.cfg.HealthTimeout)
-			err := pr.client.Health(ctx)
-			cancel()
-			if err != nil {
+			if err := p.health(pr); err != nil {
 				return ReasonHealth
 			}
 			p.mu.Lock()
@@ -168,9 +165,7 @@ func (in *instance) watch() string {
 			p.logger.Info("replacing worker", "instance", in.idx, "pid", pr.pid(), "reason", r)
 			return ReasonReplaced
 		case <-tick.C:
-			ctx, cancel := context.WithTimeout(p.ctx, p.cfg.HealthTimeout)
-			err := pr.client.Health(ctx)
-			cancel()
+			err := p.health(pr)
 			if err == nil {
 				failed = 0
 				continue
@@ -185,6 +180,13 @@ func (in *instance) watch() string {
 			}
 		}
 	}
+}
+
+// health checks pr once, within HealthTimeout.
+func (p *Pool) health(pr *process) error {
+	ctx, cancel := context.WithTimeout(p.ctx, p.cfg.HealthTimeout)
+	defer cancel()
+	return pr.client.Health(ctx)
 }
 
 func (p *Pool) countRestart(reason string) {

@@ -260,7 +260,8 @@ func (p *Pool) Start(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
+	// undo stops and removes whatever was started.
+	undo := func(err error) error {
 		for _, pr := range procs {
 			if pr != nil {
 				pr.stop(p.cfg.StopGrace)
@@ -270,15 +271,13 @@ func (p *Pool) Start(ctx context.Context) error {
 		os.RemoveAll(dir)
 		return err
 	}
+	if err := errors.Join(errs...); err != nil {
+		return undo(err)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		for _, pr := range procs {
-			pr.stop(p.cfg.StopGrace)
-			pr.cleanup(p.logger)
-		}
-		os.RemoveAll(dir)
-		return ErrClosed
+		return undo(ErrClosed)
 	}
 	p.meta = procs[0].meta
 	for i, pr := range procs {
