@@ -7,7 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
+
+	"google.golang.org/grpc/codes"
 
 	"github.com/visionslice/visionslice/runtime/inferr"
 	"github.com/visionslice/visionslice/runtime/tensor"
@@ -142,21 +145,41 @@ func names(ts []TensorMetadata) string {
 	return fmt.Sprint(s)
 }
 
+// errClass is how the front ends report one class of error: the result
+// label in metrics, the HTTP status and the gRPC code.
+type errClass struct {
+	err    error
+	result string
+	http   int
+	grpc   codes.Code
+}
+
+// errClasses in the order they are tested; an error in none is internal.
+var errClasses = []errClass{
+	{inferr.ErrTooLarge, "invalid_input", http.StatusRequestEntityTooLarge, codes.ResourceExhausted},
+	{inferr.ErrInvalidInput, "invalid_input", http.StatusBadRequest, codes.InvalidArgument},
+	{inferr.ErrNotFound, "not_found", http.StatusNotFound, codes.NotFound},
+	{inferr.ErrUnavailable, "unavailable", http.StatusServiceUnavailable, codes.Unavailable},
+	{context.DeadlineExceeded, "timeout", http.StatusGatewayTimeout, codes.DeadlineExceeded},
+	{context.Canceled, "canceled", 499 /* client closed the request */, codes.Canceled},
+}
+
+var errInternal = errClass{result: "error", http: http.StatusInternalServerError, grpc: codes.Internal}
+
+// classOf finds err's class.
+func classOf(err error) errClass {
+	for _, c := range errClasses {
+		if errors.Is(err, c.err) {
+			return c
+		}
+	}
+	return errInternal
+}
+
 // result is the label of a finished request in metrics.
 func result(err error) string {
-	switch {
-	case err == nil:
+	if err == nil {
 		return "success"
-	case errors.Is(err, inferr.ErrInvalidInput), errors.Is(err, inferr.ErrTooLarge):
-		return "invalid_input"
-	case errors.Is(err, inferr.ErrNotFound):
-		return "not_found"
-	case errors.Is(err, inferr.ErrUnavailable):
-		return "unavailable"
-	case errors.Is(err, context.DeadlineExceeded):
-		return "timeout"
-	case errors.Is(err, context.Canceled):
-		return "canceled"
 	}
-	return "error"
+	return classOf(err).result
 }

@@ -3,17 +3,14 @@ package oip
 import (
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"math"
 	"runtime"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	"github.com/visionslice/visionslice/runtime/inferr"
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
 	"github.com/visionslice/visionslice/runtime/tensor"
 )
@@ -67,22 +64,7 @@ func grpcError(err error) error {
 	if _, ok := status.FromError(err); ok {
 		return err
 	}
-	code := codes.Internal
-	switch {
-	case errors.Is(err, inferr.ErrInvalidInput):
-		code = codes.InvalidArgument
-	case errors.Is(err, inferr.ErrTooLarge):
-		code = codes.ResourceExhausted
-	case errors.Is(err, inferr.ErrNotFound):
-		code = codes.NotFound
-	case errors.Is(err, inferr.ErrUnavailable):
-		code = codes.Unavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		code = codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		code = codes.Canceled
-	}
-	return status.Error(code, err.Error())
+	return status.Error(classOf(err).grpc, err.Error())
 }
 
 func (g *grpcService) ServerLive(context.Context, *pb.ServerLiveRequest) (*pb.ServerLiveResponse, error) {

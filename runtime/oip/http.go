@@ -105,21 +105,10 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // httpStatus maps an error class to a status code.
 func httpStatus(err error) int {
 	var mbe *http.MaxBytesError
-	switch {
-	case errors.As(err, &mbe), errors.Is(err, inferr.ErrTooLarge):
+	if errors.As(err, &mbe) {
 		return http.StatusRequestEntityTooLarge
-	case errors.Is(err, inferr.ErrInvalidInput):
-		return http.StatusBadRequest
-	case errors.Is(err, inferr.ErrNotFound):
-		return http.StatusNotFound
-	case errors.Is(err, inferr.ErrUnavailable):
-		return http.StatusServiceUnavailable
-	case errors.Is(err, context.DeadlineExceeded):
-		return http.StatusGatewayTimeout
-	case errors.Is(err, context.Canceled):
-		return 499 // client closed the request
 	}
-	return http.StatusInternalServerError
+	return classOf(err).http
 }
 
 func writeError(w http.ResponseWriter, err error) {
