@@ -42,10 +42,9 @@ const baseUsedBytes = 512 << 20
 type GPUs struct {
 	srv *server.Server
 
-	mu      sync.Mutex
-	devs    []*simDevice
-	events  chan nvml.EventData
-	evtRegs int
+	mu     sync.Mutex
+	devs   []*simDevice
+	events chan nvml.EventData
 }
 
 type simDevice struct {
@@ -133,14 +132,6 @@ func New(spec, seed string) (*GPUs, error) {
 // ones backed by the process table.
 func (g *GPUs) script(i int, sd *simDevice, n int) {
 	d := sd.d
-	lostGuard := func() nvml.Return {
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		if sd.lost {
-			return nvml.ERROR_GPU_IS_LOST
-		}
-		return nvml.SUCCESS
-	}
 	d.GetPciInfoFunc = func() (nvml.PciInfo, nvml.Return) {
 		p := nvml.PciInfo{PciDeviceId: d.Config.PciDeviceId, Bus: uint32(0x10 + i*0x10)}
 		id := fmt.Sprintf("%08X:%02X:00.0", 0, 0x10+i*0x10)
@@ -157,11 +148,11 @@ func (g *GPUs) script(i int, sd *simDevice, n int) {
 		return 0, nvml.SUCCESS
 	}
 	d.GetMemoryInfoFunc = func() (nvml.Memory, nvml.Return) {
-		if r := lostGuard(); r != nvml.SUCCESS {
-			return nvml.Memory{}, r
-		}
 		g.mu.Lock()
 		defer g.mu.Unlock()
+		if sd.lost {
+			return nvml.Memory{}, nvml.ERROR_GPU_IS_LOST
+		}
 		total := d.Config.MemoryMB << 20
 		used := uint64(baseUsedBytes)
 		for _, p := range sd.procs {
@@ -173,20 +164,20 @@ func (g *GPUs) script(i int, sd *simDevice, n int) {
 		return nvml.Memory{Total: total, Used: used, Free: total - used}, nvml.SUCCESS
 	}
 	d.GetUtilizationRatesFunc = func() (nvml.Utilization, nvml.Return) {
-		if r := lostGuard(); r != nvml.SUCCESS {
-			return nvml.Utilization{}, r
-		}
 		g.mu.Lock()
 		defer g.mu.Unlock()
+		if sd.lost {
+			return nvml.Utilization{}, nvml.ERROR_GPU_IS_LOST
+		}
 		return nvml.Utilization{Gpu: sd.util, Memory: sd.util}, nvml.SUCCESS
 	}
 	list := func(kind gpu.ProcessKind) func() ([]nvml.ProcessInfo, nvml.Return) {
 		return func() ([]nvml.ProcessInfo, nvml.Return) {
-			if r := lostGuard(); r != nvml.SUCCESS {
-				return nil, r
-			}
 			g.mu.Lock()
 			defer g.mu.Unlock()
+			if sd.lost {
+				return nil, nvml.ERROR_GPU_IS_LOST
+			}
 			var out []nvml.ProcessInfo
 			for pid, p := range sd.procs {
 				if p.kind == kind {
@@ -199,12 +190,7 @@ func (g *GPUs) script(i int, sd *simDevice, n int) {
 	}
 	d.GetComputeRunningProcessesFunc = list(gpu.ProcessCompute)
 	d.GetGraphicsRunningProcessesFunc = list(gpu.ProcessGraphics)
-	d.RegisterEventsFunc = func(types uint64, _ nvml.EventSet) nvml.Return {
-		g.mu.Lock()
-		defer g.mu.Unlock()
-		g.evtRegs++
-		return nvml.SUCCESS
-	}
+	d.RegisterEventsFunc = func(uint64, nvml.EventSet) nvml.Return { return nvml.SUCCESS }
 }
 
 func (g *GPUs) wait(timeoutMs uint32) (nvml.EventData, nvml.Return) {
