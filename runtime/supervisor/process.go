@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -11,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -239,9 +239,10 @@ func (t *tail) Write(b []byte) (int, error) {
 		if i < 0 {
 			break
 		}
-		line := string(t.buf[:i])
+		raw := t.buf[:i]
+		line := string(raw)
 		t.buf = t.buf[i+1:]
-		if json.Valid([]byte(line)) {
+		if json.Valid(raw) {
 			t.logger.Info("worker log", "worker", json.RawMessage(line))
 		} else {
 			t.logger.Info("worker log", "line", line)
@@ -257,13 +258,13 @@ func (t *tail) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// last is the last lines and any unterminated one after them.
 func (t *tail) last() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	var b []string
-	scan := bufio.NewScanner(bytes.NewReader(t.buf))
-	for scan.Scan() {
-		b = append(b, scan.Text())
+	lines := t.lines
+	if len(t.buf) > 0 {
+		lines = append(slices.Clip(lines), string(t.buf))
 	}
-	return fmt.Sprint(append(append([]string(nil), t.lines...), b...))
+	return fmt.Sprint(lines)
 }
