@@ -76,7 +76,7 @@ func (g *grpcService) ServerReady(context.Context, *pb.ServerReadyRequest) (*pb.
 }
 
 func (g *grpcService) ModelReady(_ context.Context, r *pb.ModelReadyRequest) (*pb.ModelReadyResponse, error) {
-	m, err := g.s.model(r.GetName(), r.GetVersion())
+	m, err := g.s.backend.Model(r.GetName(), r.GetVersion())
 	if err != nil {
 		return nil, grpcError(err)
 	}
@@ -88,7 +88,7 @@ func (g *grpcService) ServerMetadata(context.Context, *pb.ServerMetadataRequest)
 }
 
 func (g *grpcService) ModelMetadata(_ context.Context, r *pb.ModelMetadataRequest) (*pb.ModelMetadataResponse, error) {
-	m, err := g.s.model(r.GetName(), r.GetVersion())
+	m, err := g.s.backend.Model(r.GetName(), r.GetVersion())
 	if err != nil {
 		return nil, grpcError(err)
 	}

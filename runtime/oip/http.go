@@ -131,7 +131,7 @@ func (s *Server) serverMetadata(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *Server) modelMetadata(w http.ResponseWriter, r *http.Request) {
-	m, err := s.model(r.PathValue("model"), r.PathValue("version"))
+	m, err := s.backend.Model(r.PathValue("model"), r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
 		return
@@ -140,7 +140,7 @@ func (s *Server) modelMetadata(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) modelReady(w http.ResponseWriter, r *http.Request) {
-	m, err := s.model(r.PathValue("model"), r.PathValue("version"))
+	m, err := s.backend.Model(r.PathValue("model"), r.PathValue("version"))
 	if err != nil {
 		writeError(w, err)
 		return
@@ -257,7 +257,7 @@ func looksJSON(b []byte) bool {
 // place.
 func (s *Server) rawRequest(r *http.Request, buf []byte, name, version string) (*decodedRequest, error) {
 	body := buf[headroom:]
-	m, err := s.model(name, version)
+	m, err := s.backend.Model(name, version)
 	if err != nil {
 		return nil, err
 	}

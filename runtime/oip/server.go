@@ -71,19 +71,10 @@ type nopObserver struct{}
 
 func (nopObserver) Request(string, string, string, time.Duration) {}
 
-// model finds a model version and checks it is ready.
-func (s *Server) model(name, version string) (Model, error) {
-	m, err := s.backend.Model(name, version)
-	if err != nil {
-		return nil, err
-	}
-	return m, nil
-}
-
 // infer runs one request through validation and the model.
 func (s *Server) infer(ctx context.Context, name, version string, inputs []tensor.Tensor, outputs []string) (Model, []tensor.Tensor, error) {
 	start := time.Now()
-	m, err := s.model(name, version)
+	m, err := s.backend.Model(name, version)
 	if err != nil {
 		s.opts.Observer.Request(name, version, result(err), time.Since(start))
 		return nil, nil, err
