@@ -28,7 +28,7 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 	if err := k.Admit(a); err != nil {
 		t.Fatalf("admit pod a (3 slices): %v", err)
 	}
-	gpuA := gpuOf(t, k.Slices(a))
+	gpuA := k.GPU(t, a)
 	env := k.RunOptions(t, a)
 	wantEnv := map[string]string{
 		slice.EnvVisibleDevices:   gpuA,
@@ -47,7 +47,7 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 	if err := k.Admit(b); err != nil {
 		t.Fatalf("admit pod b (3 slices): %v", err)
 	}
-	gpuB := gpuOf(t, k.Slices(b))
+	gpuB := k.GPU(t, b)
 	if gpuB == gpuA {
 		t.Fatalf("pod b put on %s with pod a: only 1 slice was free there", gpuB)
 	}
@@ -83,7 +83,7 @@ func TestDeviceManager_AllocatesSlicesOnOneGPU(t *testing.T) {
 	if err := k.Admit(c); err != nil {
 		t.Fatalf("admit pod c after a ended: %v", err)
 	}
-	if got := gpuOf(t, k.Slices(c)); got != gpuA {
+	if got := k.GPU(t, c); got != gpuA {
 		t.Errorf("pod c on %s, want %s (the GPU a freed)", got, gpuA)
 	}
 }
@@ -105,7 +105,7 @@ func TestDeviceManager_GPUHealth(t *testing.T) {
 	if err := k.Admit(p); err != nil {
 		t.Fatalf("admit 4 slices with one healthy GPU: %v", err)
 	}
-	if got, want := gpuOf(t, k.Slices(p)), n.gpus.UUID(1); got != want {
+	if got, want := k.GPU(t, p), n.gpus.UUID(1); got != want {
 		t.Errorf("pod on %s, want the healthy GPU %s", got, want)
 	}
 	q := slicePod("q", 1)
@@ -120,7 +120,7 @@ func TestDeviceManager_GPUHealth(t *testing.T) {
 	if err := k.Admit(q); err != nil {
 		t.Fatalf("admit after the GPU recovered: %v", err)
 	}
-	if got, want := gpuOf(t, k.Slices(q)), n.gpus.UUID(0); got != want {
+	if got, want := k.GPU(t, q), n.gpus.UUID(0); got != want {
 		t.Errorf("pod q on %s, want the recovered GPU %s", got, want)
 	}
 }
@@ -138,7 +138,7 @@ func TestDeviceManager_KubeletRestart(t *testing.T) {
 	if err := k.Admit(a); err != nil {
 		t.Fatal(err)
 	}
-	gpuA := gpuOf(t, k.Slices(a))
+	gpuA := k.GPU(t, a)
 	if _, err := os.Stat(kubelet.CheckpointFile); err != nil {
 		t.Fatalf("device manager wrote no checkpoint: %v", err)
 	}
@@ -148,7 +148,7 @@ func TestDeviceManager_KubeletRestart(t *testing.T) {
 	k = kubelet.Start(t, a)
 	k.WaitCapacity(t, 8, 8)
 	t.Logf("plugin registered again %s after the kubelet restarted", time.Since(restarted).Round(time.Millisecond))
-	if got := gpuOf(t, k.Slices(a)); got != gpuA {
+	if got := k.GPU(t, a); got != gpuA {
 		t.Fatalf("after restart pod a holds slices on %s, want %s", got, gpuA)
 	}
 
@@ -156,7 +156,7 @@ func TestDeviceManager_KubeletRestart(t *testing.T) {
 	if err := k.Admit(b); err != nil {
 		t.Fatalf("admit 4 slices after restart: %v", err)
 	}
-	if got := gpuOf(t, k.Slices(b)); got == gpuA {
+	if got := k.GPU(t, b); got == gpuA {
 		t.Errorf("pod b on %s, which holds pod a's 3 slices", got)
 	}
 	if err := k.Admit(slicePod("c", 2)); err == nil {

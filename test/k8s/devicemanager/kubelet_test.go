@@ -15,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/apimachinery/pkg/util/sets"
 
 	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/deviceplugin/slice"
@@ -97,21 +96,4 @@ func slicePod(name string, n int64) *v1.Pod {
 			},
 		}}},
 	}
-}
-
-// gpuOf returns the single GPU of a set of slice IDs, failing if they span GPUs.
-func gpuOf(t *testing.T, ids []string) string {
-	t.Helper()
-	gpus := sets.New[string]()
-	for _, s := range ids {
-		id, err := slice.ParseID(s)
-		if err != nil {
-			t.Fatalf("device manager holds a device that is not a slice ID: %v", err)
-		}
-		gpus.Insert(id.GPU)
-	}
-	if gpus.Len() != 1 {
-		t.Fatalf("slices %v lie on %d GPUs, want exactly 1", ids, gpus.Len())
-	}
-	return gpus.UnsortedList()[0]
 }

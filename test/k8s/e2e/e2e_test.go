@@ -145,7 +145,7 @@ enforcement:
 		if err := k.Admit(bound); err != nil {
 			t.Fatalf("kubelet admission of %s: %v", step.name, err)
 		}
-		got := gpuOf(t, k.Slices(bound))
+		got := k.GPU(t, bound)
 		if got != rec.GPU {
 			t.Errorf("pod %s: device manager allocated on %s, the scheduler chose %s", step.name, got, rec.GPU)
 		}
@@ -293,25 +293,6 @@ func startContainer(t *testing.T, pod *corev1.Pod, logs string) (int, cgroup.Gro
 		t.Fatal(err)
 	}
 	return cmd.Process.Pid, g
-}
-
-func gpuOf(t *testing.T, ids []string) string {
-	t.Helper()
-	gpu := ""
-	for _, s := range ids {
-		id, err := slice.ParseID(s)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if gpu != "" && id.GPU != gpu {
-			t.Fatalf("slices %v span GPUs", ids)
-		}
-		gpu = id.GPU
-	}
-	if gpu == "" {
-		t.Fatal("no slices allocated")
-	}
-	return gpu
 }
 
 // allocatedPerGPU returns the agent's allocated slices per GPU.

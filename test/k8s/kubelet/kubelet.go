@@ -159,6 +159,25 @@ func (k *Kubelet) Slices(pod *v1.Pod) []string {
 	return sets.List(sets.KeySet(k.dm.GetDevices(string(pod.UID), pod.Spec.Containers[0].Name)[slice.ResourceName]))
 }
 
+// GPU returns the one GPU that holds the pod's slices, failing the test
+// when they lie on none or on several.
+func (k *Kubelet) GPU(t testing.TB, pod *v1.Pod) string {
+	t.Helper()
+	ids := k.Slices(pod)
+	gpus := sets.New[string]()
+	for _, s := range ids {
+		id, err := slice.ParseID(s)
+		if err != nil {
+			t.Fatalf("device manager holds a device that is not a slice ID: %v", err)
+		}
+		gpus.Insert(id.GPU)
+	}
+	if gpus.Len() != 1 {
+		t.Fatalf("slices %v lie on %d GPUs, want exactly 1", ids, gpus.Len())
+	}
+	return gpus.UnsortedList()[0]
+}
+
 // Capacity returns the node's capacity and allocatable slices as the kubelet
 // would publish them in the Node status.
 func (k *Kubelet) Capacity() (capacity, allocatable int64) {
