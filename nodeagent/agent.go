@@ -382,12 +382,3 @@ func buildInfo() prometheus.Collector {
 	g.Set(1)
 	return g
 }
-
-// liveFields copies the live fields of every component section from old to
-// updated, so restartRequired sees only the fields that need a restart.
-func liveFields(old, updated *Config) {
-	// components: copy each section's live fields here.
-	updated.Enforcement.Policy = old.Enforcement.Policy
-	updated.Enforcement.Accounting.SliceBytes = old.Enforcement.Accounting.SliceBytes
-	updated.Enforcement.Accounting.RefreshInterval = old.Enforcement.Accounting.RefreshInterval
-}

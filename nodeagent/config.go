@@ -254,9 +254,13 @@ func (c *Config) deriveSliceBytes(logger *slog.Logger) {
 // restartRequired lists the top-level fields (by YAML key) that differ
 // between old and updated once the live fields are set aside.
 func restartRequired(old, updated Config) []string {
+	// The live fields: Reload applies them at once.
 	updated.GPU.PollInterval = old.GPU.PollInterval
 	updated.Log.Level = old.Log.Level
-	liveFields(&old, &updated)
+	// components: copy each section's live fields here.
+	updated.Enforcement.Policy = old.Enforcement.Policy
+	updated.Enforcement.Accounting.SliceBytes = old.Enforcement.Accounting.SliceBytes
+	updated.Enforcement.Accounting.RefreshInterval = old.Enforcement.Accounting.RefreshInterval
 	var out []string
 	ov, nv := reflect.ValueOf(old), reflect.ValueOf(updated)
 	for i := 0; i < ov.NumField(); i++ {
