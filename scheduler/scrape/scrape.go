@@ -93,7 +93,6 @@ type Manager struct {
 
 	mu    sync.RWMutex
 	nodes map[string]*Node // by node name
-	gen   uint64           // bumped on every stored scrape
 
 	scraped func(node string) // test hook, called after each stored scrape
 }
@@ -135,13 +134,6 @@ func (m *Manager) Get(node string) (Node, bool) {
 		return Node{}, false
 	}
 	return *n, true
-}
-
-// Generation counts stored scrapes; callers cache derived state by it.
-func (m *Manager) Generation() uint64 {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	return m.gen
 }
 
 type loop struct {
@@ -298,7 +290,6 @@ func (m *Manager) scrapeOnce(ctx context.Context, t Target) {
 	if err == nil {
 		n.GPUs, n.LastSuccess = gpus, start
 	}
-	m.gen++
 	m.mu.Unlock()
 	if err != nil {
 		m.logger.Warn("scrape failed", "node", t.Node, "url", t.URL, "err", err)
