@@ -12,6 +12,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/onnxgen"
 	"github.com/visionslice/visionslice/runtime/ort"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // initORT loads the runtime named by VISIONSLICE_ORT_LIB or skips.
@@ -227,22 +228,9 @@ func nchw(img *image.RGBA) tensor.Tensor {
 	return onnxgen.FP32("x", []int64{1, 3, int64(h), int64(w)}, v...)
 }
 
-func ppocrModel(tb testing.TB) []byte {
-	tb.Helper()
-	p := os.Getenv("VISIONSLICE_PPOCR_MODEL")
-	if p == "" {
-		tb.Skip("VISIONSLICE_PPOCR_MODEL is not set (run `make deps` and use `make test`)")
-	}
-	b, err := os.ReadFile(p)
-	if err != nil {
-		tb.Skipf("PP-OCRv4 det model: %v", err)
-	}
-	return b
-}
-
 func TestPPOCRDetOnTextImage(t *testing.T) {
 	initORT(t)
-	model := ppocrModel(t)
+	_, model := workertest.PPOCRModel(t)
 	s, err := ort.NewSession(model, ort.Options{IntraOpThreads: 2})
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package supervisor_test
 
 import (
 	"context"
-	"os"
 	"slices"
 	"testing"
 	"time"
@@ -12,6 +11,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // benchPair measures the same model and input in this process (ONNX
@@ -64,14 +64,7 @@ func benchPair(b *testing.B, model []byte, spec *repository.Config, in []tensor.
 // threads, in process and through the worker; the ratio of the two is the
 // served/raw throughput ratio.
 func BenchmarkPPOCRDet640(b *testing.B) {
-	p := os.Getenv("VISIONSLICE_PPOCR_MODEL")
-	if p == "" {
-		b.Skip("VISIONSLICE_PPOCR_MODEL is not set")
-	}
-	model, err := os.ReadFile(p)
-	if err != nil {
-		b.Skip(err)
-	}
+	_, model := workertest.PPOCRModel(b)
 	spec := specOf(1, 3, -1, -1)
 	spec.Inputs[0].Dims = []int64{1, 3, -1, -1}
 	spec.IntraOpThreads = 2

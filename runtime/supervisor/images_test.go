@@ -11,7 +11,6 @@ import (
 	"image/draw"
 	"image/jpeg"
 	"image/png"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -23,6 +22,7 @@ import (
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // The tests of this file need a worker with OpenCV (not built with nocv).
@@ -94,14 +94,7 @@ func TestImagesPreprocessedInWorker(t *testing.T) {
 // the model in this process.
 func TestPPOCRJPEGThroughWorker(t *testing.T) {
 	cfg := config(t)
-	modelPath := os.Getenv("VISIONSLICE_PPOCR_MODEL")
-	if modelPath == "" {
-		t.Skip("VISIONSLICE_PPOCR_MODEL is not set (run `make deps` and use `make test`)")
-	}
-	model, err := os.ReadFile(modelPath)
-	if err != nil {
-		t.Skipf("PP-OCRv4 det model: %v", err)
-	}
+	modelPath, model := workertest.PPOCRModel(t)
 	spec := &repository.Config{Version: "v1", MaxBatchSize: 4, IntraOpThreads: 2,
 		Inputs: []repository.TensorSpec{{Name: "image", Datatype: tensor.Bytes, Dims: []int64{1}, Preprocessing: &repository.Preprocessing{
 			ModelInput: "x", Resize: repository.Letterbox, Width: 640, Height: 640, Color: repository.RGB,

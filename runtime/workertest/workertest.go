@@ -16,6 +16,24 @@ import (
 // ORTEnv names the ONNX Runtime library the Makefile exports for tests.
 const ORTEnv = "VISIONSLICE_ORT_LIB"
 
+// PPOCREnv names the PP-OCRv4 det model the Makefile exports for tests.
+const PPOCREnv = "VISIONSLICE_PPOCR_MODEL"
+
+// PPOCRModel returns the path of the PP-OCRv4 det model named by PPOCREnv
+// and its bytes; without it the test skips.
+func PPOCRModel(tb testing.TB) (path string, model []byte) {
+	tb.Helper()
+	path = os.Getenv(PPOCREnv)
+	if path == "" {
+		tb.Skip(PPOCREnv + " is not set (run `make deps` and use `make test`)")
+	}
+	model, err := os.ReadFile(path)
+	if err != nil {
+		tb.Skipf("PP-OCRv4 det model: %v", err)
+	}
+	return path, model
+}
+
 // BinEnv names a prebuilt worker binary to use instead of building one
 // (a machine without Go, such as a borrowed GPU host, runs a test binary
 // built elsewhere).
