@@ -26,9 +26,8 @@ import (
 var ErrInvalidInput = inferr.ErrInvalidInput
 
 var env struct {
-	mu   sync.Mutex
-	lib  string
-	refs int
+	mu  sync.Mutex
+	lib string
 }
 
 // Init loads the ONNX Runtime shared library at lib and creates the
