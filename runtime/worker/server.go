@@ -53,8 +53,8 @@ type Handler interface {
 	Metadata() Metadata
 }
 
-// CodeOf classifies a handler error for the wire. Handlers mark client
-// errors by wrapping an error for which invalid returns true.
+// CodeOf classifies a handler error for the wire (host.Code for the real
+// model: CodeInvalidArgument for errors the request caused).
 type CodeOf func(err error) Code
 
 // ServerConfig configures Serve.

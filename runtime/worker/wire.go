@@ -12,7 +12,7 @@
 // a pool of connections for concurrency.
 //
 //	infer request:  u64 timeout_ns, u16 n, n*tensor, u16 m, m*string (outputs)
-//	infer response: u8 code; code 0: u16 n, n*tensor; else: string32 message
+//	infer response: u8 code; code 0: u64 preprocess_ns, u16 n, n*tensor; else: string32 message
 //	tensor:         string name, string datatype, u8 rank, rank*i64, u64 len, data
 //	string:         u16 len, bytes; string32: u32 len, bytes
 //	metadata and health: JSON payloads.
