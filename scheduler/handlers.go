@@ -263,16 +263,19 @@ func (e *Extender) Bind(ctx context.Context, args extenderv1.ExtenderBindingArgs
 	if pod.UID != args.PodUID {
 		return "", fmt.Errorf("pod uid is %s, the request names %s: the pod was replaced", pod.UID, args.PodUID)
 	}
-	binding := &v1.Binding{
-		ObjectMeta: metav1.ObjectMeta{Name: args.PodName, Namespace: args.PodNamespace, UID: args.PodUID},
-		Target:     v1.ObjectReference{Kind: "Node", Name: args.Node},
+	bindPod := func() error {
+		binding := &v1.Binding{
+			ObjectMeta: metav1.ObjectMeta{Name: args.PodName, Namespace: args.PodNamespace, UID: args.PodUID},
+			Target:     v1.ObjectReference{Kind: "Node", Name: args.Node},
+		}
+		if err := client.CoreV1().Pods(args.PodNamespace).Bind(ctx, binding, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create binding: %w", err)
+		}
+		return nil
 	}
 	n := fit.PodSlices(pod)
 	if n == 0 {
-		if err := client.CoreV1().Pods(args.PodNamespace).Bind(ctx, binding, metav1.CreateOptions{}); err != nil {
-			return "", fmt.Errorf("create binding: %w", err)
-		}
-		return "", nil
+		return "", bindPod()
 	}
 
 	e.bindMu.Lock()
@@ -287,10 +290,7 @@ func (e *Extender) Bind(ctx context.Context, args extenderv1.ExtenderBindingArgs
 		// and the node's device plugin places the slices by its own policy.
 		e.logger.Warn("binding without a gpu record", "namespace", args.PodNamespace, "pod", args.PodName,
 			"node", args.Node, "reason", st.reason)
-		if err := client.CoreV1().Pods(args.PodNamespace).Bind(ctx, binding, metav1.CreateOptions{}); err != nil {
-			return "", fmt.Errorf("create binding: %w", err)
-		}
-		return "", nil
+		return "", bindPod()
 	}
 	choice, ok, reason := fit.Place(st.gpus, n, e.cfg.Strategy, e.weights, extenderv1.MaxExtenderPriority)
 	if !ok {
@@ -317,9 +317,9 @@ func (e *Extender) Bind(ctx context.Context, args extenderv1.ExtenderBindingArgs
 		e.assumed.remove(string(pod.UID))
 		return "", fmt.Errorf("write gpu record: %w", err)
 	}
-	if err := client.CoreV1().Pods(args.PodNamespace).Bind(ctx, binding, metav1.CreateOptions{}); err != nil {
+	if err := bindPod(); err != nil {
 		e.assumed.remove(string(pod.UID))
-		return "", fmt.Errorf("create binding: %w", err)
+		return "", err
 	}
 	return g.UUID, nil
 }
