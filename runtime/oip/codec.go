@@ -65,6 +65,10 @@ type decodedRequest struct {
 	// Timeout from the request's "timeout" parameter (microseconds, as
 	// Triton's), 0 when absent.
 	Timeout time.Duration
+	// version is the model version a raw body was decoded for ("" for
+	// other bodies): inference goes to that version, not to a second pick
+	// of the default (which would advance a canary's split once more).
+	version string
 }
 
 // parseInferRequest parses an infer body. headerLen < 0 means the whole body

@@ -170,6 +170,9 @@ func (s *Server) inferHTTP(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	if req.version != "" {
+		version = req.version
+	}
 	ctx := r.Context()
 	if req.Timeout > 0 {
 		var cancel context.CancelFunc
@@ -280,6 +283,7 @@ func (s *Server) rawRequest(r *http.Request, buf []byte, name, version string) (
 	req := &decodedRequest{
 		Inputs:        []tensor.Tensor{{Name: in.Name, Datatype: tensor.Bytes, Shape: shape, Data: buf}},
 		BinaryOutputs: map[string]bool{},
+		version:       md.Version,
 	}
 	if b, _ := strconv.ParseBool(r.URL.Query().Get("binary_data_output")); b {
 		req.BinaryOutputs["*"] = true

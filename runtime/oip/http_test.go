@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
@@ -178,6 +179,36 @@ func TestHTTPRawImageBody(t *testing.T) {
 	resp, b = do(t, "POST", srv.URL+"/v2/models/double/infer", img, map[string]string{"Content-Type": "image/jpeg"})
 	if resp.StatusCode != 400 || !strings.Contains(string(b), "exactly one BYTES input") {
 		t.Fatalf("raw body to an FP32 model: %d %s", resp.StatusCode, b)
+	}
+}
+
+// pickCounter counts the lookups that name no version: each is a pick of
+// the default version, which a canary's split counts.
+type pickCounter struct {
+	Backend
+	picks atomic.Int64
+}
+
+func (b *pickCounter) Model(name, version string) (Model, error) {
+	if version == "" {
+		b.picks.Add(1)
+	}
+	return b.Backend.Model(name, version)
+}
+
+// TestHTTPRawBodyPicksOnce: a raw body is decoded for the model version
+// its request is then run on, with one pick of the default version.
+func TestHTTPRawBodyPicksOnce(t *testing.T) {
+	t.Parallel()
+	b := &pickCounter{Backend: newTestBackend()}
+	srv := httptest.NewServer(NewServer(b, Options{}, discard()).Handler())
+	t.Cleanup(srv.Close)
+	resp, body := do(t, "POST", srv.URL+"/v2/models/lengths/infer", []byte("abc"), map[string]string{"Content-Type": "image/jpeg"})
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"model_version":"3"`) {
+		t.Fatalf("%d %s", resp.StatusCode, body)
+	}
+	if n := b.picks.Load(); n != 1 {
+		t.Errorf("default version picked %d times for one request, want 1", n)
 	}
 }
 
