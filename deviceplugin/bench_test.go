@@ -115,18 +115,7 @@ func BenchmarkSimGPULostToListAndWatch(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	logger := testLogger(b)
-	r := gpu.NewReader(s.Interface(), logger)
-	if err := r.Init(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(r.Shutdown)
-	poller := gpu.NewPoller(r, 10*time.Millisecond, logger)
-	ctx, cancel := context.WithCancel(context.Background())
-	pollerDone := make(chan struct{})
-	go func() { defer close(pollerDone); _ = poller.Run(ctx) }()
-	b.Cleanup(func() { cancel(); <-pollerDone })
-
+	poller := startPoller(b, s.Interface(), testLogger(b))
 	h := startPlugin(b, deviceplugin.Config{SliceMiB: 8192}, poller)
 	stream := watch(b, h.client)
 	lost := s.UUID(1)

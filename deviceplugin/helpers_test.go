@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -40,6 +41,23 @@ func shortDir(t testing.TB) string {
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	return dir
+}
+
+// startPoller reads lib through the real reader and polls it every 10 ms
+// until the end of the test.
+func startPoller(t testing.TB, lib nvml.Interface, logger *slog.Logger, opts ...gpu.ReaderOption) *gpu.Poller {
+	t.Helper()
+	r := gpu.NewReader(lib, logger, opts...)
+	if err := r.Init(); err != nil {
+		t.Fatalf("gpu reader: %v", err)
+	}
+	t.Cleanup(r.Shutdown)
+	poller := gpu.NewPoller(r, 10*time.Millisecond, logger)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = poller.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return poller
 }
 
 // fakeSource is a GPUSource whose snapshots the test sets.

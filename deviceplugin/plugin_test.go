@@ -399,18 +399,7 @@ func TestHealthWithSimPoller(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			logger := testLogger(t)
-			r := gpu.NewReader(s.Interface(), logger, gpu.WithXIDRecovery(300*time.Millisecond))
-			if err := r.Init(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(r.Shutdown)
-			poller := gpu.NewPoller(r, 10*time.Millisecond, logger)
-			ctx, cancel := context.WithCancel(context.Background())
-			pollerDone := make(chan struct{})
-			go func() { defer close(pollerDone); _ = poller.Run(ctx) }()
-			t.Cleanup(func() { cancel(); <-pollerDone })
-
+			poller := startPoller(t, s.Interface(), testLogger(t), gpu.WithXIDRecovery(300*time.Millisecond))
 			h := startPlugin(t, deviceplugin.Config{SliceMiB: 8192}, poller)
 			perGPU := slice.Count(s.MemoryTotalBytes(0), 0, 8192<<20)
 			bad, good := s.UUID(1), s.UUID(0)

@@ -5,14 +5,12 @@ import (
 	"os"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
 
 	"github.com/visionslice/visionslice/deviceplugin"
 	"github.com/visionslice/visionslice/deviceplugin/slice"
-	"github.com/visionslice/visionslice/nodeagent/gpu"
 )
 
 // TestRealGPU runs the plugin over the real NVML library: the slices it
@@ -22,17 +20,7 @@ func TestRealGPU(t *testing.T) {
 	if os.Getenv("VISIONSLICE_TEST_NVML") == "" {
 		t.Skip("VISIONSLICE_TEST_NVML unset: this test needs an NVIDIA GPU and driver")
 	}
-	logger := testLogger(t)
-	r := gpu.NewReader(nvml.New(), logger)
-	if err := r.Init(); err != nil {
-		t.Fatalf("NVML: %v", err)
-	}
-	t.Cleanup(r.Shutdown)
-	poller := gpu.NewPoller(r, 100*time.Millisecond, logger)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = poller.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	poller := startPoller(t, nvml.New(), testLogger(t))
 
 	const reservedMiB = 512
 	h := startPlugin(t, deviceplugin.Config{ReservedMiB: reservedMiB}, poller)
