@@ -29,8 +29,8 @@ type instance struct {
 func (in *instance) lost(cl *worker.Client) {
 	p := in.p
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if in.proc == nil || in.proc.client != cl || !in.ready {
+		p.mu.Unlock()
 		return
 	}
 	in.ready = false
@@ -39,7 +39,10 @@ func (in *instance) lost(cl *worker.Client) {
 	case in.suspect <- struct{}{}:
 	default:
 	}
-	go p.readyHook(in.idx, false)
+	p.mu.Unlock()
+	// Reported before watch can find the worker alive again (it waits a
+	// health timeout first), so the hook sees false, then true.
+	p.readyHook(in.idx, false)
 }
 
 // supervise watches the instance's worker and replaces it when it ends,
@@ -156,11 +159,15 @@ func (in *instance) watch() string {
 				return ReasonHealth
 			}
 			p.mu.Lock()
-			if in.proc == pr && !in.ready {
+			back := in.proc == pr && !in.ready
+			if back {
 				in.ready = true
 				p.notifyLocked()
 			}
 			p.mu.Unlock()
+			if back {
+				p.readyHook(in.idx, true)
+			}
 		case r := <-in.replace:
 			p.logger.Info("replacing worker", "instance", in.idx, "pid", pr.pid(), "reason", r)
 			return ReasonReplaced
