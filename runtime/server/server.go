@@ -245,12 +245,24 @@ func (s *Server) Model(name, version string) (oip.Model, error) {
 	return nil, fmt.Errorf("model %q version %q (served: %s): %w", name, version, strings.Join(served, ", "), inferr.ErrNotFound)
 }
 
+// lookup finds a served version as Model does, but without routing:
+// version "" is the newest, and a canary's split is left alone.
 func (s *Server) lookup(name, version string) *modelVersion {
-	m, err := s.Model(name, version)
-	if err != nil {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	e := s.models[name]
+	if e == nil || e.model.Err != nil || len(e.versions) == 0 {
 		return nil
 	}
-	return m.(*modelVersion)
+	if version == "" {
+		return e.versions[len(e.versions)-1]
+	}
+	for _, v := range e.versions {
+		if v.version == version {
+			return v
+		}
+	}
+	return nil
 }
 
 // Run binds the listeners, serves at once (readiness says when models are

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +28,7 @@ import (
 
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
 	"github.com/visionslice/visionslice/runtime/onnxgen"
+	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/supervisor"
 	"github.com/visionslice/visionslice/runtime/tensor"
 	"github.com/visionslice/visionslice/runtime/workertest"
@@ -356,5 +358,34 @@ func TestWorkerDevice(t *testing.T) {
 		if got := c.WorkerGPULimit(tc.slices); got != tc.limit {
 			t.Errorf("device %q, %d slices: limit %d, want %d", tc.device, tc.slices, got, tc.limit)
 		}
+	}
+}
+
+// TestLookupLeavesCanaryAlone: naming a request's version for metrics does
+// not route it, so requests that fail before routing do not move a
+// canary's split.
+func TestLookupLeavesCanaryAlone(t *testing.T) {
+	t.Parallel()
+	md := &repository.Model{Name: "m"}
+	e := &modelEntry{model: md, versions: []*modelVersion{
+		{name: "m", version: "1", v: repository.Version{Number: 1}},
+		{name: "m", version: "2", v: repository.Version{Number: 2}},
+	}}
+	s := &Server{models: map[string]*modelEntry{"m": e}}
+	c := canaryState{Percent: 50, n: new(atomic.Uint64)}
+	s.hot.canary = map[string]canaryState{"m": c}
+	for range 3 {
+		if mv := s.lookup("m", ""); mv == nil || mv.version != "2" {
+			t.Fatalf("lookup(m, \"\") = %v, want version 2", mv)
+		}
+	}
+	if mv := s.lookup("m", "1"); mv == nil || mv.version != "1" {
+		t.Fatalf("lookup(m, 1) = %v", mv)
+	}
+	if s.lookup("m", "3") != nil || s.lookup("x", "") != nil {
+		t.Fatal("lookup found a version not served")
+	}
+	if n := c.n.Load(); n != 0 {
+		t.Errorf("lookups moved the canary's split by %d", n)
 	}
 }
