@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -23,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
+	"github.com/visionslice/visionslice/deviceplugin/slice"
 	"github.com/visionslice/visionslice/scheduler"
 )
 
@@ -115,12 +115,8 @@ func run(args []string) error {
 		if cfg.AssignmentKeyFile == "" {
 			return errors.New("assignmentKeyFile (or --assignment-key-file) is required to bind")
 		}
-		key, err := os.ReadFile(cfg.AssignmentKeyFile)
-		if err != nil {
-			return fmt.Errorf("read assignment key: %w", err)
-		}
-		if deps.Key = []byte(strings.TrimSpace(string(key))); len(deps.Key) < 16 {
-			return fmt.Errorf("assignment key in %s is %d bytes: want at least 16", cfg.AssignmentKeyFile, len(deps.Key))
+		if deps.Key, err = slice.ReadKey(cfg.AssignmentKeyFile); err != nil {
+			return err
 		}
 	}
 	ext, err := scheduler.New(cfg, deps, logger)

@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"strings"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/visionslice/visionslice/deviceplugin/slice"
 )
 
 // Config is the agent's handoff: section. Off by default: without it the
@@ -22,9 +22,6 @@ type Config struct {
 	// extender (the same Secret both mount).
 	AssignmentKeyFile string `yaml:"assignmentKeyFile"`
 }
-
-// MinKeyBytes is the shortest assignment key accepted.
-const MinKeyBytes = 16
 
 // Validate checks an enabled section.
 func (c Config) Validate() error {
@@ -47,7 +44,7 @@ func NewFromConfig(c Config, node string, logger *slog.Logger) (*Hinter, error) 
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
-	key, err := ReadKey(c.AssignmentKeyFile)
+	key, err := slice.ReadKey(c.AssignmentKeyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -65,17 +62,4 @@ func NewFromConfig(c Config, node string, logger *slog.Logger) (*Hinter, error) 
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	return New(client, node, key, logger)
-}
-
-// ReadKey reads an assignment key file (surrounding white space dropped).
-func ReadKey(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read assignment key: %w", err)
-	}
-	key := []byte(strings.TrimSpace(string(b)))
-	if len(key) < MinKeyBytes {
-		return nil, fmt.Errorf("assignment key in %s is %d bytes: want at least %d", path, len(key), MinKeyBytes)
-	}
-	return key, nil
 }

@@ -192,10 +192,10 @@ func TestConfig(t *testing.T) {
 	if err := os.WriteFile(long, []byte("  0123456789abcdef0123\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ReadKey(short); err == nil {
+	if _, err := slice.ReadKey(short); err == nil {
 		t.Error("short key accepted")
 	}
-	if k, err := ReadKey(long); err != nil || string(k) != "0123456789abcdef0123" {
+	if k, err := slice.ReadKey(long); err != nil || string(k) != "0123456789abcdef0123" {
 		t.Errorf("key %q %v", k, err)
 	}
 	kc := dir + "/kubeconfig"

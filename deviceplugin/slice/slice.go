@@ -11,6 +11,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"strings"
 )
@@ -96,6 +97,23 @@ func Count(totalBytes, reservedBytes, sliceBytes uint64) int {
 		return 0
 	}
 	return int((totalBytes - reservedBytes) / sliceBytes)
+}
+
+// MinKeyBytes is the shortest assignment key accepted.
+const MinKeyBytes = 16
+
+// ReadKey reads the assignment key shared by the scheduler extender and the
+// agents from a file (a mounted Secret), surrounding white space dropped.
+func ReadKey(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read assignment key: %w", err)
+	}
+	key := []byte(strings.TrimSpace(string(b)))
+	if len(key) < MinKeyBytes {
+		return nil, fmt.Errorf("assignment key in %s is %d bytes: want at least %d", path, len(key), MinKeyBytes)
+	}
+	return key, nil
 }
 
 // Assignment is the scheduler's record of the GPU it chose for a pod.
