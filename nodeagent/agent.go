@@ -83,7 +83,7 @@ func WithNVML(lib nvml.Interface) Option { return func(o *options) { o.nvml = li
 
 // New builds the agent. On error, whatever was opened is closed again.
 func New(cfg Config, logger *slog.Logger, level *slog.LevelVar, opts ...Option) (_ *Agent, err error) {
-	cfg.deriveSliceBytes(logger)
+	cfg.DeriveSliceBytes(logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid config: %w", err)
 	}
@@ -282,7 +282,7 @@ func (a *Agent) serveSnapshot(w http.ResponseWriter, _ *http.Request) {
 // Reload applies a new configuration: live fields take effect at once, the
 // names of other changed fields are returned as needing a restart.
 func (a *Agent) Reload(cfg Config) ([]string, error) {
-	cfg.deriveSliceBytes(a.logger)
+	cfg.DeriveSliceBytes(a.logger)
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("invalid config: %w", err)
 	}

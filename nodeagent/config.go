@@ -228,12 +228,12 @@ func ParseConfig(data []byte) (Config, error) {
 	return cfg, nil
 }
 
-// deriveSliceBytes makes devicePlugin.sliceMiB the one source of the slice
+// DeriveSliceBytes makes devicePlugin.sliceMiB the one source of the slice
 // size: accounting, the runtime's worker limits and the model lifecycle take
 // it from there, so a quota
 // always equals the slices the kubelet handed out. A different value written
 // for either of them is ignored, with a warning.
-func (c *Config) deriveSliceBytes(logger *slog.Logger) {
+func (c *Config) DeriveSliceBytes(logger *slog.Logger) {
 	b := uint64(c.DevicePlugin.WithDefaults().SliceMiB) << 20
 	def := uint64(slice.DefaultSliceMiB) << 20
 	for _, f := range []struct {

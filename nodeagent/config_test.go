@@ -135,13 +135,13 @@ func TestSliceSizeFollowsDevicePlugin(t *testing.T) {
 	c := DefaultConfig()
 	c.DevicePlugin.SliceMiB = 2048
 	c.Lifecycle.SliceBytes = 0
-	c.deriveSliceBytes(nil)
+	c.DeriveSliceBytes(nil)
 	if want := uint64(2048) << 20; c.Enforcement.Accounting.SliceBytes != want || c.Lifecycle.SliceBytes != want {
 		t.Errorf("accounting %d, lifecycle %d; want both %d", c.Enforcement.Accounting.SliceBytes, c.Lifecycle.SliceBytes, want)
 	}
 	// A conflicting value written by hand is overridden, not obeyed.
 	c.Enforcement.Accounting.SliceBytes = 3 << 30
-	c.deriveSliceBytes(nil)
+	c.DeriveSliceBytes(nil)
 	if c.Enforcement.Accounting.SliceBytes != 2048<<20 {
 		t.Errorf("conflicting sliceBytes kept: %d", c.Enforcement.Accounting.SliceBytes)
 	}

@@ -126,8 +126,10 @@ func run(args []string) error {
 	level := new(slog.LevelVar)
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	klog.SetSlogLogger(logger.With("component", "klog"))
-	// The resolved config, defaults and flags applied, in the file's own
-	// format: what an operator would write to get this agent again.
+	// The resolved config, defaults, flags and derived slice sizes applied,
+	// in the file's own format: what an operator would write to get this
+	// agent again.
+	cfg.DeriveSliceBytes(logger)
 	resolved, err := yaml.Marshal(cfg)
 	if err != nil {
 		return fmt.Errorf("render config: %w", err)
