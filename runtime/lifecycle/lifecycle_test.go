@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -38,13 +37,6 @@ import (
 var workerBin string
 
 func TestMain(m *testing.M) { os.Exit(workertest.Main(m, "runtime/lifecycle", &workerBin)) }
-
-func testLogger() *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
 
 const gib = 1 << 30
 
@@ -131,7 +123,7 @@ func start(t *testing.T, instances, slicesN int, lc lifecycle.Config) *harness {
 // run serves h.repo on one simulated H100 with the lifecycle manager on.
 func (h *harness) run(lc lifecycle.Config) {
 	t := h.t
-	logger := slog.New(countLost{testLogger().Handler(), &h.lost})
+	logger := slog.New(countLost{workertest.Logger().Handler(), &h.lost})
 	h.reg = prometheus.NewRegistry()
 	h.client = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	var err error
@@ -355,14 +347,7 @@ func TestOverrunReplacesPPOCRWorker(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "gocv.io/x/gocv").Output()
-	if err != nil {
-		t.Skipf("locate gocv module: %v", err)
-	}
-	img, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "images", "gocvlogo.jpg"))
-	if err != nil {
-		t.Skipf("test image: %v", err)
-	}
+	img := workertest.TextImage(t)
 	repo := t.TempDir()
 	writeFile(t, filepath.Join(repo, "ppocr-det", "config.yaml"), cfg)
 	if err := os.MkdirAll(filepath.Join(repo, "ppocr-det", "1"), 0o755); err != nil {

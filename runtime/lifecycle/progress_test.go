@@ -52,7 +52,7 @@ func TestLoadProgress(t *testing.T) {
 		p, err := supervisor.New(cfg.Workers, supervisor.Model{Name: m.Name + "/" + strconv.FormatInt(v.Number, 10), ModelPath: v.Path, Spec: m.Config}, nil, supervisor.Hooks{}, logger)
 		return slowPool{Pool: p, delay: 1500 * time.Millisecond}, err
 	}
-	srv, err := server.New(cfg, server.Deps{NewPool: newPool, Registerer: prometheus.NewRegistry()}, testLogger())
+	srv, err := server.New(cfg, server.Deps{NewPool: newPool, Registerer: prometheus.NewRegistry()}, workertest.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/visionslice/visionslice/nodeagent/gpu"
 	"github.com/visionslice/visionslice/nodeagent/gpu/sim"
 	pb "github.com/visionslice/visionslice/runtime/oip/inferencepb"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
 
 // TestGPUMemoryPerModelWorker: the simulated GPUs report memory for the
@@ -30,12 +31,12 @@ func TestGPUMemoryPerModelWorker(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reader := gpu.NewReader(gpus.Interface(), testLogger(t))
+	reader := gpu.NewReader(gpus.Interface(), workertest.Logger())
 	if err := reader.Init(); err != nil {
 		t.Fatal(err)
 	}
 	defer reader.Shutdown()
-	poller := gpu.NewPoller(reader, 20*time.Millisecond, testLogger(t))
+	poller := gpu.NewPoller(reader, 20*time.Millisecond, workertest.Logger())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go poller.Run(ctx)

@@ -9,7 +9,6 @@ import (
 	"context"
 	"encoding/json"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -25,22 +24,8 @@ import (
 	"github.com/visionslice/visionslice/runtime/ort"
 	"github.com/visionslice/visionslice/runtime/repository"
 	"github.com/visionslice/visionslice/runtime/tensor"
+	"github.com/visionslice/visionslice/runtime/workertest"
 )
-
-// testImage returns a real JPEG with text: gocv's logo from the module
-// cache (gocv is a dependency, so it is there wherever this builds).
-func testImage(t testing.TB) []byte {
-	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "gocv.io/x/gocv").Output()
-	if err != nil {
-		t.Skipf("locate gocv module: %v", err)
-	}
-	img, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "images", "gocvlogo.jpg"))
-	if err != nil {
-		t.Skipf("test image: %v", err)
-	}
-	return img
-}
 
 // ppocrRepo lays out the example ppocr-det config with the cached model.
 func ppocrRepo(t testing.TB) (root, model string) {
@@ -109,7 +94,7 @@ func directPPOCR(t testing.TB, modelPath string, img []byte) tensor.Tensor {
 // output with a direct in-process ONNX Runtime run on the same tensor.
 func TestPPOCRDetEndToEnd(t *testing.T) {
 	root, modelPath := ppocrRepo(t)
-	img := testImage(t)
+	img := workertest.TextImage(t)
 	r := startServer(t, root, Deps{})
 	if !r.srv.Ready() {
 		t.Fatal("server not ready after loading")

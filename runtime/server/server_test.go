@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -39,13 +38,6 @@ import (
 var workerBin string
 
 func TestMain(m *testing.M) { os.Exit(workertest.Main(m, "runtime/server", &workerBin)) }
-
-func testLogger(t testing.TB) *slog.Logger {
-	if testing.Verbose() {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	}
-	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
 
 func workersConfig(t testing.TB) supervisor.Config {
 	t.Helper()
@@ -111,7 +103,7 @@ func startServer(t testing.TB, repo string, deps Deps) *running {
 	cfg.Workers = workersConfig(t)
 	reg := prometheus.NewRegistry()
 	deps.Registerer = reg
-	srv, err := New(cfg, deps, testLogger(t))
+	srv, err := New(cfg, deps, workertest.Logger())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -295,7 +287,7 @@ func TestConfigValidate(t *testing.T) {
 			t.Errorf("err = %v, want %q", err, want)
 		}
 	}
-	if _, err := New(c, Deps{}, testLogger(t)); err == nil {
+	if _, err := New(c, Deps{}, workertest.Logger()); err == nil {
 		t.Error("New accepted an invalid config")
 	}
 }
@@ -315,7 +307,7 @@ func TestOTLPTracingStartsWithoutCollector(t *testing.T) {
 	}
 	span.End()
 	start := time.Now()
-	tr.shutdown(testLogger(t))
+	tr.shutdown(workertest.Logger())
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("shutdown took %s", d)
 	}

@@ -4,9 +4,12 @@ package workertest
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,4 +79,28 @@ func Main(m *testing.M, pkg string, bin *string) int {
 		return 1
 	}
 	return m.Run()
+}
+
+// Logger is a test's logger: text on stderr under -v, discarded otherwise.
+func Logger() *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// TextImage returns a real JPEG with text in it: gocv's logo from the module
+// cache (gocv is a dependency, so it is there wherever the tests build). It
+// skips the test when the module cannot be found.
+func TextImage(tb testing.TB) []byte {
+	tb.Helper()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "gocv.io/x/gocv").Output()
+	if err != nil {
+		tb.Skipf("locate gocv module: %v", err)
+	}
+	img, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "images", "gocvlogo.jpg"))
+	if err != nil {
+		tb.Skipf("test image: %v", err)
+	}
+	return img
 }
